@@ -1,0 +1,70 @@
+"""Helpers every kernel folder shares: path dispatch, output allocation (with a poison mode for tests), varlen chunk maps."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_POISON = False
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """While active, kernel outputs start as NaN, so an element a kernel forgets to write fails every check."""
+    global _POISON
+    previous, _POISON = _POISON, True
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. Kernels call this instead of torch.empty so tests can poison outputs."""
+    if _POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def sequence_count(batch: int, cu_seqlens: torch.Tensor | None) -> int:
+    return batch if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> None:
+    """Packed documents come as B = 1 and int64 offsets 0 = c_0 <= c_1 <= ... <= c_N = T."""
+    if cu_seqlens is None:
+        return
+    if batch != 1:
+        raise ValueError(f"cu_seqlens packs documents along one row: batch must be 1, got {batch}")
+    if cu_seqlens.dtype not in (torch.int64, torch.int32) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D integer tensor of N + 1 offsets, N >= 1")
+    first, last = int(cu_seqlens[0]), int(cu_seqlens[-1])
+    if first != 0 or last != length or bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={length}; got {cu_seqlens.tolist()}")
+
+
+def chunk_map(cu_seqlens: torch.Tensor | None, batch: int, length: int, chunk: int) -> torch.Tensor:
+    """One row per chunk program: (sequence index, start token in the flattened [B*T] row, chunk index in sequence).
+
+    Without cu_seqlens every batch row is one sequence of ``length`` tokens. The last chunk of a sequence may be
+    partial; kernels mask it with the sequence end. Returned as int32 [num_chunks, 3] on the offsets' device.
+    """
+    if cu_seqlens is None:
+        starts = torch.arange(batch, dtype=torch.int64) * length
+        ends = starts + length
+    else:
+        offsets = cu_seqlens.to("cpu", torch.int64)
+        starts, ends = offsets[:-1], offsets[1:]
+    chunks_per_seq = (ends - starts + chunk - 1) // chunk
+    seq = torch.repeat_interleave(torch.arange(starts.numel()), chunks_per_seq)
+    first_chunk = torch.cumsum(chunks_per_seq, 0) - chunks_per_seq
+    index_in_seq = torch.arange(seq.numel()) - first_chunk[seq]
+    rows = torch.stack([seq, starts[seq] + index_in_seq * chunk, index_in_seq], dim=1)
+    device = cu_seqlens.device if cu_seqlens is not None else "cpu"
+    return rows.to(device=device, dtype=torch.int32)

@@ -1,0 +1,18 @@
+"""Test-wide setup. Kernel tests on CPU run Triton through its interpreter, which must be chosen before triton loads."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests are marked and skip where no CUDA device is present (the CPU CI); they run through the device tool."""
+    gpus = torch.cuda.device_count()
+    for item in items:
+        if "gpu" in item.keywords and gpus == 0:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multigpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason="needs 2 or more CUDA GPUs"))
