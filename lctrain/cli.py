@@ -1,0 +1,158 @@
+"""The ``lctrain`` command: train, prepare-data, train-tokenizer, demo (and the launchers' subcommands).
+
+Every subcommand takes ``--config FILE`` and repeatable ``--set dotted.key=value``. Bad input ends the command with
+one line on stderr naming the problem and what is allowed, exit status 2, and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+from lctrain.config import ConfigError, RunConfig, load_config
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml); defaults apply to what it leaves out")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def _load(args) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from lctrain.train.loop import train
+
+    if args.resume:
+        args.overrides.append(f"checkpoint.resume={args.resume}")
+    config = _load(args)
+    summary = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {summary['steps']}: loss {summary['loss']:.4f}; checkpoint {summary['checkpoint']}")
+    return 0
+
+
+def cmd_train_tokenizer(args) -> int:
+    from lctrain.data.corpus import default_corpus_files
+    from lctrain.data.tokenizer import train_tokenizer
+
+    config = _load(args)
+    out = config.tokenizer_path
+    if out.suffix != ".model":
+        raise ConfigError(f"tokenizer.path must end in .model, got {str(out)!r}")
+    if out.exists() and not args.overwrite:
+        raise ConfigError(f"tokenizer {str(out)!r} exists; pass --overwrite to replace it")
+    files = [pathlib.Path(p) for p in config.data.inputs] or default_corpus_files()
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"data.inputs: {str(f)!r} is not a file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(files, out.with_suffix(""), config.tokenizer.vocab_size, model_type=config.tokenizer.model_type,
+                    input_sentence_size=config.tokenizer.training_sentences)
+    print(f"tokenizer written to {out} ({config.tokenizer.vocab_size} pieces, {config.tokenizer.model_type})")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from lctrain.data.shards import prepare_data
+    from lctrain.data.tokenizer import Tokenizer
+
+    config = _load(args)
+    if not config.tokenizer_path.is_file():
+        raise ConfigError(f"tokenizer {str(config.tokenizer_path)!r} does not exist; run `lctrain train-tokenizer` first")
+    inputs = [pathlib.Path(p) for p in config.data.inputs] or None
+    for f in inputs or []:
+        if not f.is_file():
+            raise ConfigError(f"data.inputs: {str(f)!r} is not a file")
+    meta = prepare_data(inputs, Tokenizer(config.tokenizer_path), config.dataset_dir,
+                        eval_fraction=config.data.eval_fraction, overwrite=args.overwrite)
+    print(f"dataset written to {config.dataset_dir}: {meta}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Tokenizer and data (kept between demo runs), then the launcher's 2-process (or all-GPU) ZeRO training."""
+    import torch
+
+    config = _load(args)
+    run_dir = pathlib.Path(args.run_dir or config.run_dir)
+    common = ["--config", args.config, "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in args.overrides), [])]
+    lctrain = [sys.executable, "-m", "lctrain.cli"]
+    if not (run_dir / "tokenizer" / "tok.model").is_file():
+        subprocess.run(lctrain + ["train-tokenizer", *common], check=True)
+    if not (run_dir / "data" / "meta.json").is_file():
+        subprocess.run(lctrain + ["prepare-data", *common], check=True)
+    for previous in ("checkpoints", "tensorboard", "metrics.jsonl"):  # a demo run starts from scratch
+        path = run_dir / previous
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    gpus = torch.cuda.device_count()
+    launcher = shutil.which("deepspeed") or str(pathlib.Path(sys.executable).parent / "deepspeed")
+    root = pathlib.Path(__file__).resolve().parent.parent
+    cmd = [launcher, "--num_gpus", str(gpus or 2), str(root / "launch" / "train.py"), *common]
+    print("running:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _demo_report(run_dir)
+    return 0
+
+
+def _demo_report(run_dir: pathlib.Path) -> None:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    print("\n== demo finished ==")
+    print("train loss by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in losses))
+    if evals:
+        print("eval loss by step:  " + ", ".join(f"{s}: {v:.3f}" for s, v in evals))
+    print(f"checkpoints:  {run_dir / 'checkpoints'} (latest: {(run_dir / 'checkpoints' / 'latest').read_text().strip()})")
+    print(f"metrics:      {run_dir / 'metrics.jsonl'}")
+    print(f"TensorBoard:  .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}   (then open http://localhost:6006)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lctrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (run under deepspeed/torchrun for several processes)")
+    _config_args(p)
+    p.add_argument("--resume", help="'auto' (latest checkpoint of the run), 'none', or a checkpoint directory")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("train-tokenizer", help="train the sentencepiece tokenizer on data.inputs (or the embedded corpus)")
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer")
+    p.set_defaults(func=cmd_train_tokenizer)
+
+    p = sub.add_parser("prepare-data", help="tokenize data.inputs (or the embedded corpus) into token shards")
+    _config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    p.set_defaults(func=cmd_prepare_data)
+
+    p = sub.add_parser("demo", help="tokenizer, data and a short multi-process training run, end to end")
+    _config_args(p)
+    p.add_argument("--run-dir", help="where the demo writes (default: the config's run_dir)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        print(f"lctrain: error: {e}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as e:
+        print(f"lctrain: error: step failed with exit status {e.returncode}: {' '.join(map(str, e.cmd))}", file=sys.stderr)
+        return e.returncode or 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

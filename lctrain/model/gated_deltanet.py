@@ -1,0 +1,109 @@
+"""Gated DeltaNet sublayer (pattern symbol ``G``), Yang, Kautz & Hatamizadeh, "Gated Delta Networks".
+
+Per value head:  S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,  o_t = S_t^T q_t / sqrt(d_k)
+(the paper's Eq. 10, the gated delta rule), with Qwen3-Next's parameterisation so checkpoints export natively:
+q, k, v from linear projections through a kernel-4 causal depthwise conv and SiLU; q and k L2-normalised;
+beta_t = sigmoid(b_t); log alpha_t = g_t = -exp(A_log) * softplus(a_t + dt_bias); output RMSNorm(o) * SiLU(z),
+then the output projection. Value heads may outnumber query/key heads (grouped: value head h reads head h // (HV/H)).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from lctrain.config import GatedDeltaNetConfig
+from lctrain.kernels.gated_delta import chunk_gated_delta_rule
+from lctrain.model.layout import TokenLayout
+from lctrain.model.norm import GatedRMSNorm
+from lctrain.model.short_conv import ShortConv
+from lctrain.model.tp import replicated_parameter, sharded_parameter
+from lctrain.parallel.state_passing import run_recurrence
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x.float() * x.float()).sum(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class GatedDeltaRecurrence:
+    """The gated delta rule over a rank's tokens, for parallel.state_passing. Its boundary map is
+    S -> P S + E with P = prod_t alpha_t (I - beta_t k_t k_t^T): the same kernel computes P by running from the
+    identity with zero values (the delta rule is linear in the state and the values)."""
+
+    def __init__(self, q, k, v, g, beta):
+        self.q, self.k, self.v, self.g, self.beta = q, k, v, g, beta
+
+    def run(self, initial_state, cu_seqlens, output_final_state):
+        return chunk_gated_delta_rule(self.q, self.k, self.v, self.g, self.beta, initial_state=initial_state,
+                                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+    def transition(self, row_cu_seqlens):
+        num_value_heads, key_dim = self.v.shape[2], self.k.shape[-1]
+        rows = row_cu_seqlens.numel() - 1
+        eye = torch.eye(key_dim, device=self.k.device, dtype=torch.float32).expand(rows, num_value_heads, key_dim, key_dim)
+        zeros = self.v.new_zeros(*self.v.shape[:-1], key_dim)
+        return chunk_gated_delta_rule(self.q, self.k, zeros, self.g, self.beta, initial_state=eye.contiguous(),
+                                      output_final_state=True, cu_seqlens=row_cu_seqlens)[1]
+
+    @staticmethod
+    def apply_transition(transition, state):
+        return transition @ state
+
+    def zero_state(self, num, device):
+        return torch.zeros(num, self.v.shape[2], self.k.shape[-1], self.v.shape[-1], device=device, dtype=torch.float32)
+
+
+class GatedDeltaNet(MegatronModule):
+    def __init__(self, config: TransformerConfig, gated_deltanet: GatedDeltaNetConfig, **_):
+        super().__init__(config)
+        c = gated_deltanet
+        tp = config.tensor_model_parallel_size
+        self.key_dim, self.value_dim = c.head_k_dim, c.head_v_dim
+        heads, value_heads = c.num_heads, c.num_value_heads or c.num_heads
+        self.heads, self.value_heads = heads // tp, value_heads // tp
+        hidden, qk, vz = config.hidden_size, heads * c.head_k_dim, value_heads * c.head_v_dim
+
+        def column(out, parts):
+            # stride=parts: each tensor-parallel rank holds its heads of every part, aligned.
+            return ColumnParallelLinear(hidden, parts * out, config=config, init_method=config.init_method,
+                                        bias=False, gather_output=False, stride=parts)
+
+        self.qk_proj, self.vz_proj, self.ba_proj = column(qk, 2), column(vz, 2), column(value_heads, 2)
+        self.q_conv, self.k_conv = ShortConv(qk, c.conv_size), ShortConv(qk, c.conv_size)
+        self.v_conv = ShortConv(vz, c.conv_size)
+        # Decay rate A in [1, 16] and step dt in [1e-3, 1e-1] log-uniform, as in Mamba2 (dt_bias = softplus^-1(dt)).
+        self.A_log = sharded_parameter(torch.empty(value_heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(value_heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = sharded_parameter(dt + torch.log(-torch.expm1(-dt)))
+        self.out_norm = GatedRMSNorm(c.head_v_dim, config.layernorm_epsilon)
+        replicated_parameter(self.out_norm.weight)  # one weight for all heads, heads split over ranks
+        self.out_proj = RowParallelLinear(vz, hidden, config=config, init_method=config.output_layer_init_method,
+                                          bias=False, input_is_parallel=True, skip_bias_add=True)
+
+    @staticmethod
+    def forward_flops_per_token(model, seq_len: int, chunk: int = 64) -> float:
+        """Projections (2 per weight) plus, per value head, the chunkwise gated delta rule: k^T S, the rank-one state
+        update and S^T q (2KV each) and the intra-chunk products over a chunk of C tokens (2C(K + V))."""
+        c = model.gated_deltanet
+        hv = c.num_value_heads or c.num_heads
+        proj = model.hidden_size * (2 * c.num_heads * c.head_k_dim + 2 * hv * c.head_v_dim + 2 * hv) + hv * c.head_v_dim * model.hidden_size
+        core = hv * (6 * c.head_k_dim * c.head_v_dim + 2 * chunk * (c.head_k_dim + c.head_v_dim))
+        return 2 * proj + core
+
+    def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        length = x.shape[1]
+        q, k = self.qk_proj(x)[0].chunk(2, dim=-1)
+        v, z = self.vz_proj(x)[0].chunk(2, dim=-1)
+        b, a = self.ba_proj(x)[0].chunk(2, dim=-1)
+        q = l2_normalize(self.q_conv(q, layout).view(1, length, self.heads, self.key_dim))
+        k = l2_normalize(self.k_conv(k, layout).view(1, length, self.heads, self.key_dim))
+        v = self.v_conv(v, layout).view(1, length, self.value_heads, self.value_dim)
+        beta = torch.sigmoid(b.float()).to(x.dtype)
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        o = run_recurrence(GatedDeltaRecurrence(q, k, v, g, beta), layout)
+        o = self.out_norm(o, z.view(1, length, self.value_heads, self.value_dim))
+        return self.out_proj(o.reshape(1, length, -1))[0]
