@@ -57,8 +57,8 @@ def train_tokenizer(
                          f"(4 special ids{' + 256 byte pieces' if byte_fallback else ''})")
     if max_sentence_length < 16:
         raise ValueError(f"tokenizer max_sentence_length {max_sentence_length} is too small; allowed: >= 16 bytes")
-    if input_sentence_size < 1:
-        raise ValueError(f"tokenizer input_sentence_size {input_sentence_size} must be >= 1")
+    if input_sentence_size <= 100:  # SentencePiece's own lower limit
+        raise ValueError(f"tokenizer input_sentence_size {input_sentence_size} is too small; allowed: > 100")
     files = resolve_inputs(files)  # every input exists and has a supported type, before any work
     spm.set_random_generator_seed(seed)
     chunks = _RecordingIterator(_training_chunks(read_documents(files), max_sentence_length))
