@@ -16,3 +16,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "multigpu" in item.keywords and gpus < 2:
             item.add_marker(pytest.mark.skip(reason="needs 2 or more CUDA GPUs"))
+
+
+@pytest.fixture(scope="session")
+def parallel_1():
+    """A one-process gloo group with megatron-core's model-parallel state (tensor/context parallel size 1)."""
+    from lctrain.parallel.groups import init_parallel
+
+    return init_parallel()

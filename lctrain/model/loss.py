@@ -31,12 +31,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         vocab_local = weight.shape[0]
         real_local = max(0, min(vocab_local, vocab_size - vocab_start))
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 inputs accumulate in float32
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if want_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
         for s in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[s:s + chunk_tokens], labels[s:s + chunk_tokens]
-            logits = (h @ weight.t()).float()  # [c, V_local]
+            logits = (h @ weight.t()).to(acc)  # [c, V_local]
             logits[:, real_local:] = float("-inf")
             top = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
             logits -= top[:, None]
@@ -55,7 +56,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 probs[rows[mine], local_y[mine]] -= 1.0
                 probs *= valid[:, None]
                 grad_hidden[s:s + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_weight += probs.t() @ h.float()
+                grad_weight += probs.t() @ h.to(acc)
         if want_grad:
             _all_reduce(grad_hidden, group)
             ctx.save_for_backward(grad_hidden, grad_weight)

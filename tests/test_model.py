@@ -1,0 +1,121 @@
+"""The hybrid model's pieces on CPU: every pattern symbol builds and trains, attention and conv respect documents,
+the chunked loss equals plain cross-entropy (values and gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lctrain.config import load_config
+from lctrain.model.attention import blockwise_attention
+from lctrain.model.hybrid import HybridModel, transformer_config
+from lctrain.model.layout import layout_from_cu_seqlens
+from lctrain.model.loss import chunked_cross_entropy
+from lctrain.model.registry import LAYERS
+
+TINY = ["model.hidden_size=32", "model.vocab_size=97", "model.attention.num_heads=2", "model.attention.window=8",
+        "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_k_dim=16", "model.gated_deltanet.head_v_dim=16",
+        "model.gated_slot_attention.num_heads=2", "model.gated_slot_attention.num_slots=8",
+        "model.mamba2.head_dim=16", "model.mamba2.state_size=8", "model.block_state.block_size=8",
+        "model.block_state.num_heads=2", "model.block_state.num_context_states=2", "model.block_state.ssm_state_size=4",
+        "model.chunk_size=16", "data.seq_len=32"]
+
+
+def tiny_model(pattern: str, *extra: str) -> HybridModel:
+    config = load_config(None, TINY + [f"model.pattern={pattern}", *extra])
+    torch.manual_seed(0)
+    return HybridModel(config.model, transformer_config(config.model))
+
+
+def packed_layout():
+    # two rows of 32 tokens; row 0 holds documents of 5, 20 and 7 tokens, row 1 one document
+    return layout_from_cu_seqlens(torch.tensor([0, 5, 25, 32, 64]), rows=2, row_len=32)
+
+
+@pytest.mark.parametrize("symbol", sorted(LAYERS))
+def test_every_symbol_builds_trains_and_isolates_documents(parallel_1, symbol):
+    model = tiny_model(symbol + "-")
+    layout = packed_layout()
+    torch.manual_seed(1)
+    ids = torch.randint(0, 97, (2, 32))
+    labels = torch.randint(0, 97, (2, 32))
+    loss, count = model(ids, layout, labels, loss_chunk_tokens=16)
+    assert count == 64 and torch.isfinite(loss)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a finite gradient: {missing}"
+    # A token of the second document changes nothing in the first document, nor anything before it.
+    with torch.no_grad():
+        base = model.logits(ids, layout)
+        changed = ids.clone()
+        changed[0, 10] = (changed[0, 10] + 1) % 97
+        after = model.logits(changed, layout)
+    assert torch.equal(base[:10], after[:10]), "information leaked backwards or across documents"
+    assert not torch.equal(base[10:25], after[10:25]), "the changed token had no effect inside its document"
+    assert torch.equal(base[25:], after[25:]), "information leaked into a later document"
+
+
+def test_hybrid_pattern_loss_falls(parallel_1):
+    model = tiny_model("G-W-*-")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    layout = packed_layout()
+    ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    labels = torch.roll(ids, -1, 1)
+    losses = []
+    for _ in range(15):
+        loss, count = model(ids, layout, labels)
+        (loss / count).backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append((loss / count).item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def dense_attention(q, k, v, doc, pos, window):
+    """The reference: a materialised [L, L] mask (fine at test sizes)."""
+    visible = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        visible &= pos[:, None] - pos[None, :] < window
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * q.shape[-1] ** -0.5
+    return torch.einsum("hqk,khd->qhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.parametrize("window", [None, 1, 7, 100])
+def test_blockwise_attention_matches_dense(window):
+    layout = layout_from_cu_seqlens(torch.tensor([0, 1, 40, 41, 90, 200]), rows=1, row_len=200)
+    q = torch.randn(1, 200, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 200, 2, 8, dtype=torch.float64), torch.randn(1, 200, 2, 8, dtype=torch.float64)
+    doc, pos = layout.doc_ids.view(1, -1), layout.positions.view(1, -1)
+    out = blockwise_attention(q, k, v, doc, pos, doc, pos, window, 8 ** -0.5, block=32)
+    ref = dense_attention(q[0], k[0], v[0], doc[0], pos[0], window)
+    torch.testing.assert_close(out[0], ref)
+
+
+def test_chunked_loss_matches_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)  # 37 real + 3 padding rows
+    labels = torch.randint(0, 37, (50,))
+    labels[[3, 17, 49]] = -100
+    loss = chunked_cross_entropy(hidden, weight, labels, vocab_size=37, chunk_tokens=7)
+    (2.5 * loss).backward()
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h2 @ w2[:37].t(), labels, ignore_index=-100, reduction="sum")
+    (2.5 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref)
+    torch.testing.assert_close(hidden.grad, h2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+
+
+def test_short_conv_resets_at_documents(parallel_1):
+    from lctrain.model.short_conv import ShortConv
+
+    conv = ShortConv(6, 4, activation=False).double()
+    layout = layout_from_cu_seqlens(torch.tensor([0, 2, 9, 20]), rows=1, row_len=20)
+    x = torch.randn(1, 20, 6, dtype=torch.float64)
+    y = conv(x, layout)
+    ref = torch.zeros_like(x)
+    for s, e in [(0, 2), (2, 9), (9, 20)]:
+        seg = F.pad(x[0, s:e].t(), (3, 0))  # causal padding with zeros inside each document
+        ref[0, s:e] = F.conv1d(seg[None], conv.weight[:, None, :], groups=6)[0].t()
+    torch.testing.assert_close(y, ref)
