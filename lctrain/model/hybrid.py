@@ -70,9 +70,7 @@ class Sublayer(MegatronModule):
         section = {kind.config_section: getattr(model, kind.config_section)} if kind.config_section else {}
         self.symbol = symbol
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.mixer = build_module(kind.spec, config=config, **section)
-        if self.mixer is None:
-            raise ImportError(f"could not import the module of pattern symbol {symbol!r} ({kind.name})")
+        self.mixer = build_module(kind.spec(), config=config, **section)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         return x + self.mixer(self.norm(x), layout)

@@ -10,8 +10,6 @@ Norms, activations and the embedding lookup are omitted (under 1%).
 """
 from __future__ import annotations
 
-from megatron.core.transformer.spec_utils import get_module
-
 from lctrain.config import ModelConfig
 from lctrain.model.registry import LAYERS
 
@@ -23,7 +21,7 @@ def forward_flops_per_token(model: ModelConfig, seq_len: int) -> float:
     total = 2.0 * model.hidden_size * model.vocab_size
     for symbol in model.pattern:
         kind = LAYERS[symbol]
-        total += get_module(kind.spec).forward_flops_per_token(model, seq_len, **kind.spec.params)
+        total += kind.module_class().forward_flops_per_token(model, seq_len, **dict(kind.params))
     return total
 
 
