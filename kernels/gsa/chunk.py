@@ -1,0 +1,686 @@
+"""Chunkwise gated linear attention in Triton (forward and backward), and GSA as two such passes joined by a softmax.
+
+Gated linear attention, one head, S in R^{K x V}, log gates g_t <= 0 (see reference.py):
+    gate on the key side    S_t = diag(exp g_t) S_{t-1} + k_t v_t^T
+    gate on the value side  S_t = S_{t-1} diag(exp g_t) + k_t v_t^T
+    o_t = scale * S_t^T q_t
+GSA's key pass is the value-gated form with (q, k, s) and scale; its value pass the key-gated form with (p, s, v) and
+scale 1, p = softmax of the key pass's output over the slots.
+
+Chunks of BT tokens. Within a chunk the gates are cumulated in float32, b_i = g_1 + ... + g_i (``gc``), and every
+exponential taken is of a difference that is <= 0: exp(b_i - b_j) for j <= i, exp(b_C - b_j), exp(b_i). The intra-chunk
+term sum_{j<=i} (...) exp(b_i - b_j) is split into 16-token sub-blocks: across sub-blocks it factors through the
+reference r = b at the first row of the output sub-block (exp(b_i - r) <= 1, exp(r - b_j) <= 1) into a matrix product;
+inside a sub-block it is summed elementwise, one column of every diagonal sub-block at a time.
+
+Kernels (each serves every gate side and direction; REVERSE reads a chunk's rows backwards, which turns the
+backward's anti-causal sums into the forward's causal ones):
+    _chunk_cumsum_kernel   gc = cumulative gates within chunks
+    _state_scan_kernel     states at chunk boundaries, in a sequential loop over a unit of chunks
+    _compose_kernel        initial state of every unit from the units' end states (DESIGN.md's boundary algebra)
+    _chunk_output_kernel   per chunk: scale_inter * (gated q) h + scale_intra * (gated intra-chunk attention) v
+    _gate_grad_kernel      dg from the per-token terms and the chunk-end terms
+With one long sequence and few heads the sequential loop would leave most of the GPU idle, so a sequence is cut into
+units of UNIT_CHUNKS chunks: a first scan gives every unit's end state from zero and its total decay, a small
+sequential pass composes them (S_in(u+1) = exp(L_u) * S_in(u) + E_u, elementwise since the decay is diagonal), and a
+second scan from the true S_in(u) writes the boundary states.
+
+The backward of o = out(q, k, v, h) reuses the same two kernels (h: forward states, dh: state gradients from a
+reverse scan of (q, do)); with s the gate side and s' the other one:
+    dq = out(do, v, k, h^T,  s', forward, scale, scale)
+    dk = out(v, do, q, dh^T, s', reverse, 1, scale)
+    dv = out(k, q, do, dh,   s,  reverse, 1, scale)
+and the gate gradient, from d/db_i of the chunk form, is for each chunk
+    dg_i = sum_{i' >= i in chunk} x_i' + z_end,   x = q*dq - k*dk (key gate) or o*do - v*dv (value gate),
+    z_end = rowsum (key gate) or colsum (value gate) of dh_end * h_end at the chunk's end boundary.
+States are recomputed in the backward instead of stored by the forward; they are kept in the inputs' dtype, the
+carried state and everything returned as a state in float32.
+
+Note: no kernel transposes the result of a tl.dot (Triton 3.4-3.7.0 miscompiles that on Hopper; see fla issue #640).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import check_cu_seqlens, chunk_map, new_output, use_triton
+from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
+
+BT = 64  # chunk length
+BC = 8  # sub-block length of the intra-chunk factorisation
+UNIT_CHUNKS: int | None = None  # chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _block(dim: int, cap: int = 64) -> int:
+    return max(16, min(cap, triton.next_power_of_2(dim)))
+
+
+def _dot_args(dtype: torch.dtype) -> dict:
+    """Matrix-product operand type, and IEEE float32 products for float32 inputs (tf32 would cost ~1e-3)."""
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"Triton GSA kernels take float32, bfloat16 or float16 inputs, got {dtype}")
+    return {"DT": _TL_DTYPES[dtype], "PREC": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Work plan: chunks, boundary slots, units.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Plan:
+    """Where every chunk, boundary state and sequential unit lives.
+
+    Sequence n with c_n chunks owns c_n + 1 consecutive boundary slots (its start, after each chunk); chunk i of it
+    starts at slot first_slot(n) + i and ends at the next slot.
+    chunks: int32 [C, 3] (first token in the flattened [B*T] row, valid rows, start slot)
+    units:  int32 [U, 5] (sequence, first chunk, chunks, first slot, flags: 1 first unit of its sequence, 2 last)
+    seq_units: int32 [N, 2] (first unit, units) of each sequence
+    """
+
+    chunks: torch.Tensor
+    units: torch.Tensor
+    seq_units: torch.Tensor
+    n_seqs: int
+    n_slots: int
+    split: bool  # some sequence has more than one unit
+
+
+def _unit_chunks(total_chunks: int, programs_per_unit: int, device: torch.device) -> int | None:
+    if UNIT_CHUNKS is not None:
+        return UNIT_CHUNKS
+    if device.type != "cuda":
+        return None
+    # Enough scan programs to fill the GPU several times over; below 8 chunks a unit costs more than it saves.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    units = triton.cdiv(8 * sms, programs_per_unit)
+    return max(8, triton.cdiv(total_chunks, units))
+
+
+def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device,
+              programs_per_unit: int) -> Plan:
+    if cu_seqlens is None:
+        starts = torch.arange(batch, dtype=torch.int64) * length
+        lengths = torch.full((batch,), length, dtype=torch.int64)
+    else:
+        offsets = cu_seqlens.to("cpu", torch.int64)
+        starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
+    n_seqs = starts.numel()
+    per_seq = (lengths + BT - 1) // BT
+    slots_before = torch.cumsum(per_seq + 1, 0) - (per_seq + 1)
+    rows = chunk_map(cu_seqlens, batch, length, BT).to("cpu", torch.int64)  # (sequence, first token, index)
+    seq, first_token, index = rows.unbind(1)
+    valid = torch.clamp(lengths[seq] - index * BT, max=BT)
+    chunks = torch.stack([first_token, valid, slots_before[seq] + index], dim=1)
+
+    total = int(per_seq.sum())
+    longest = int(per_seq.max()) if n_seqs else 0
+    unit_len = _unit_chunks(total, programs_per_unit, device)
+    if unit_len is None or unit_len >= longest:
+        unit_len = max(longest, 1)
+    units_per_seq = torch.clamp((per_seq + unit_len - 1) // unit_len, min=1)  # an empty sequence keeps one unit
+    unit_seq = torch.repeat_interleave(torch.arange(n_seqs), units_per_seq)
+    units_before = torch.cumsum(units_per_seq, 0) - units_per_seq
+    j = torch.arange(unit_seq.numel()) - units_before[unit_seq]
+    chunks_before = torch.cumsum(per_seq, 0) - per_seq
+    count = torch.clamp(per_seq[unit_seq] - j * unit_len, min=0, max=unit_len)
+    flags = (j == 0).long() + 2 * (j == units_per_seq[unit_seq] - 1).long()
+    units = torch.stack([unit_seq, chunks_before[unit_seq] + j * unit_len, count,
+                         slots_before[unit_seq] + j * unit_len, flags], dim=1)
+    seq_units = torch.stack([units_before, units_per_seq], dim=1)
+
+    def dev(t):
+        return t.to(device=device, dtype=torch.int32).contiguous()
+
+    return Plan(dev(chunks), dev(units), dev(seq_units), n_seqs, int((per_seq + 1).sum()),
+                bool((units_per_seq > 1).any()))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels.
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk_cumsum_kernel(g, gc, chunks, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    i_c, i_h, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunks + i_c * 3).to(tl.int64)
+    n = tl.load(chunks + i_c * 3 + 1)
+    rows = tl.arange(0, BT)
+    cols = i_d * BD + tl.arange(0, BD)
+    mask = (rows < n)[:, None] & (cols < D)[None, :]
+    offs = ((t0 + rows)[:, None] * H + i_h) * D + cols[None, :]
+    x = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gc + offs, tl.cumsum(x, axis=0), mask=mask)
+
+
+@triton.jit
+def _gate_grad_kernel(x, z, dg, chunks, H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """dg_i = sum_{i' >= i in chunk} x_i' + z[end slot]: the chunk-end term reaches every token of the chunk."""
+    i_c, i_h, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0 = tl.load(chunks + i_c * 3).to(tl.int64)
+    n = tl.load(chunks + i_c * 3 + 1)
+    end_slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64) + 1
+    rows = tl.arange(0, BT)
+    cols = i_d * BD + tl.arange(0, BD)
+    mask = (rows < n)[:, None] & (cols < D)[None, :]
+    offs = ((t0 + rows)[:, None] * H + i_h) * D + cols[None, :]
+    terms = tl.load(x + offs, mask=mask, other=0.0)
+    suffix = tl.sum(terms, axis=0)[None, :] - tl.cumsum(terms, axis=0) + terms
+    z_end = tl.load(z + (end_slot * H + i_h) * D + cols, mask=cols < D, other=0.0)
+    tl.store(dg + offs, (suffix + z_end[None, :]).to(dg.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE_KEY: tl.constexpr,
+                    HAS_PAIR: tl.constexpr):
+    """Write the boundary state; with a pair state P (the forward states, in the backward) also the partial
+    rowsum (key gate) or colsum (value gate) of S * P over this program's block: the gate gradient's z term."""
+    offs = (slot * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
+    mask = (rk < K)[:, None] & (rv < V)[None, :]
+    tl.store(states + offs, S.to(states.dtype.element_ty), mask=mask)
+    if HAS_PAIR:
+        P = tl.load(pair + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATE_KEY:
+            tl.store(pair_sum + ((i_v * n_slots + slot) * H + i_h) * K + rk, tl.sum(S * P, axis=1), mask=rk < K)
+        else:
+            tl.store(pair_sum + ((i_k * n_slots + slot) * H + i_h) * V + rv, tl.sum(S * P, axis=0), mask=rv < V)
+
+
+@triton.jit
+def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_sum, chunks, units, scale, n_slots,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GATE_KEY: tl.constexpr,
+                       REVERSE: tl.constexpr,
+                       HAS_INIT: tl.constexpr, STORE: tl.constexpr, PER_UNIT: tl.constexpr,
+                       HAS_PAIR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Sequential loop over one unit's chunks for one [BK, BV] block of the state.
+
+    Forward (x = k, y = v):  S <- exp(b_C) * S + sum_i (x_i * exp(b_C - b_i)) y_i^T    (gate on the rows)
+    Reverse (x = q, y = do): S <- exp(b_C) * S + scale * sum_i (x_i * exp(b_i)) y_i^T, from the chunk end backwards:
+    the state gradient. With the gate on the value side the weights and the decay act on the columns instead.
+    STORE writes S at every boundary the loop passes (chunk starts forward, chunk ends in reverse) and, for the
+    unit that ends its sequence, after the loop. PER_UNIT writes the unit's end state and total log decay (the first
+    scan of a split sequence); otherwise the end state is written per sequence.
+    """
+    i_k, i_v, i_uh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_u, i_h = i_uh // H, i_uh % H
+    seq = tl.load(units + i_u * 5).to(tl.int64)
+    first_chunk = tl.load(units + i_u * 5 + 1)
+    n_chunks = tl.load(units + i_u * 5 + 2)
+    first_slot = tl.load(units + i_u * 5 + 3).to(tl.int64)
+    flags = tl.load(units + i_u * 5 + 4)
+    rk = i_k * BK + tl.arange(0, BK)
+    rv = i_v * BV + tl.arange(0, BV)
+    rows = tl.arange(0, BT)
+    state_offs = rk[:, None] * V + rv[None, :]
+    state_mask = (rk < K)[:, None] & (rv < V)[None, :]
+    if GATE_KEY:  # D = K, BD = BK
+        rg = rk
+        other_block = i_v
+    else:  # D = V, BD = BV
+        rg = rv
+        other_block = i_k
+    if HAS_INIT:
+        S = tl.load(init + (i_u * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BK, BV], dtype=tl.float32)
+    total = tl.zeros([BD], dtype=tl.float32)
+    for i in range(n_chunks):
+        if REVERSE:
+            local = n_chunks - 1 - i
+            slot = first_slot + local + 1  # the chunk's end
+        else:
+            local = i
+            slot = first_slot + local  # the chunk's start
+        c = first_chunk + local
+        t0 = tl.load(chunks + c * 3).to(tl.int64)
+        n = tl.load(chunks + c * 3 + 1)
+        if STORE:
+            _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots, H, K, V, GATE_KEY,
+                            HAS_PAIR)
+        valid = rows < n
+        tok = (t0 + rows) * H + i_h
+        X = tl.load(x + tok[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :], other=0.0)
+        Y = tl.load(y + tok[:, None] * V + rv[None, :], mask=valid[:, None] & (rv < V)[None, :], other=0.0)
+        G = tl.load(gc + tok[:, None] * D + rg[None, :], mask=valid[:, None] & (rg < D)[None, :], other=0.0)
+        last = tl.load(gc + ((t0 + n - 1) * H + i_h) * D + rg, mask=rg < D, other=0.0)
+        if REVERSE:
+            weight = tl.exp(G)  # exp(b_i): from the chunk start to token i
+        else:
+            weight = tl.exp(last[None, :] - G)  # exp(b_C - b_i): from token i to the chunk end
+        if GATE_KEY:
+            update = tl.dot(tl.trans((X * weight).to(DT)), Y.to(DT), input_precision=PREC)
+            S = S * tl.exp(last)[:, None] + scale * update
+        else:
+            update = tl.dot(tl.trans(X.to(DT)), (Y * weight).to(DT), input_precision=PREC)
+            S = S * tl.exp(last)[None, :] + scale * update
+        total += last
+    if REVERSE:
+        ends_sequence = (flags & 1) != 0
+        end_slot = first_slot
+    else:
+        ends_sequence = (flags & 2) != 0
+        end_slot = first_slot + n_chunks
+    if STORE:
+        if ends_sequence:
+            _store_boundary(S, states, pair, pair_sum, end_slot, i_h, i_k, i_v, rk, rv, n_slots, H, K, V, GATE_KEY,
+                            HAS_PAIR)
+    if PER_UNIT:
+        tl.store(end_state + (i_u * H + i_h) * K * V + state_offs, S, mask=state_mask)
+        if other_block == 0:
+            tl.store(log_decay + (i_u * H + i_h) * D + rg, total, mask=rg < D)
+    elif ends_sequence:
+        tl.store(end_state + (seq * H + i_h) * K * V + state_offs, S, mask=state_mask)
+
+
+@triton.jit
+def _compose_kernel(unit_end, log_decay, init, unit_init, seq_units, H: tl.constexpr, K: tl.constexpr,
+                    V: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, GATE_KEY: tl.constexpr,
+                    REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """S_in(first unit) = the sequence's initial state; S_in(next) = exp(L_u) * S_in(u) + E_u, in scan order."""
+    i_b, i_h, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    first_unit = tl.load(seq_units + i_s * 2)
+    n_units = tl.load(seq_units + i_s * 2 + 1)
+    offs = i_b * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < K * V
+    if GATE_KEY:
+        gate_idx = offs // V
+    else:
+        gate_idx = offs % V
+    if HAS_INIT:
+        S = tl.load(init + (i_s * H + i_h) * K * V + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(n_units):
+        u = (first_unit + (n_units - 1 - i if REVERSE else i)).to(tl.int64)
+        tl.store(unit_init + (u * H + i_h) * K * V + offs, S, mask=mask)
+        decay = tl.exp(tl.load(log_decay + (u * H + i_h) * D + gate_idx, mask=mask, other=0.0))
+        S = decay * S + tl.load(unit_end + (u * H + i_h) * K * V + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _load_rows(ptr, tok, cols, row_ok, D: tl.constexpr):
+    """[rows, cols] tile of a [*, H, D] tensor at flattened (token, head) indices tok; zero where masked."""
+    return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_gates(gc, tok, cols, row_ok, last_tok, D: tl.constexpr, REVERSE: tl.constexpr):
+    """Cumulative gates in reading order: b forwards, b_C - b backwards (both fall along the rows)."""
+    G = _load_rows(gc, tok, cols, row_ok, D)
+    if REVERSE:
+        G = tl.load(gc + last_tok * D + cols, mask=cols < D, other=0.0)[None, :] - G
+    return G
+
+
+@triton.jit
+def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
+                         H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATE_KEY: tl.constexpr, REVERSE: tl.constexpr,
+                         STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One chunk, one head: out_i = scale_inter * inter_i + scale_intra * sum_{j <= i} intra_ij (rows i, j in the
+    chunk's reading order: forwards, or backwards with REVERSE).
+
+    Rows are read in order, and bb is the cumulative gate in that order (b forwards; b_C - b backwards), so both
+    directions have the same causal form. x: [*, H, KX]; y: [*, H, KX]; z: [*, H, VZ]; w: boundary states, read as
+    W[a, b] = w[slot, head] + a * STRIDE_A + b * STRIDE_B (a stored [VZ, KX] state is read transposed).
+    Gate on x's dim (GATE_KEY):   inter = (x_i * exp bb_i) W,  intra_ij = (sum_d x_id y_jd exp(bb_id - bb_jd)) z_j
+    Gate on z's dim:              inter = (x_i W) * exp bb_i,  intra_ij = (x_i . y_j) z_j * exp(bb_i - bb_j)
+    Off the diagonal sub-blocks the intra sum is a masked matrix product through the reference r = bb at the first
+    row of the output sub-block; on them it is summed elementwise, column jj of every sub-block per step.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    t0 = tl.load(chunks + i_c * 3).to(tl.int64)
+    n = tl.load(chunks + i_c * 3 + 1)
+    slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64)  # the chunk's start: h forwards
+    if REVERSE:
+        slot += 1  # the chunk's end: dh backwards
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    valid = rows < n
+    step = -1 if REVERSE else 1
+    first = t0 + n - 1 if REVERSE else t0  # position of reading row 0
+    tok = (tl.where(valid, first + step * rows, t0)) * H + i_h
+    last_tok = (t0 + n - 1) * H + i_h
+    block_start = (rows // BC) * BC  # first row of each row's sub-block
+    causal = rows[:, None] >= cols[None, :]
+    w_base = w + (slot * H + i_h) * KX * VZ
+
+    if GATE_KEY:
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for kb in range(tl.cdiv(KX, BK)):
+            rk = kb * BK + tl.arange(0, BK)
+            X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
+            Y = _load_rows(y, tok, rk, valid, KX).to(tl.float32)
+            G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
+            for I in tl.static_range(1, BT // BC):
+                in_I = (rows >= I * BC) & (rows < I * BC + BC)
+                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+                xe = X * tl.exp(tl.minimum(G - r[None, :], 0.0))
+                ye = Y * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+                part = tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
+                A += tl.where(in_I[:, None] & (cols < I * BC)[None, :], part, 0.0)
+            for jj in range(BC):
+                j = block_start + jj
+                j_ok = (j <= rows) & (j < n)
+                tok_j = tl.where(j_ok, first + step * j, t0) * H + i_h
+                Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
+                Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
+                a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
+                A += tl.where((cols[None, :] == j[:, None]) & j_ok[:, None], a[:, None], 0.0)
+        for vb in range(tl.cdiv(VZ, BV)):
+            rv = vb * BV + tl.arange(0, BV)
+            Z = _load_rows(z, tok, rv, valid, VZ)
+            acc = scale_intra * tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
+            for kb in range(tl.cdiv(KX, BK)):
+                rk = kb * BK + tl.arange(0, BK)
+                X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
+                G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
+                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+                acc += scale_inter * tl.dot((X * tl.exp(G)).to(DT), Wt.to(DT), input_precision=PREC)
+            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+                     mask=valid[:, None] & (rv < VZ)[None, :])
+    else:
+        A0 = tl.zeros([BT, BT], dtype=tl.float32)
+        for kb in range(tl.cdiv(KX, BK)):
+            rk = kb * BK + tl.arange(0, BK)
+            X = _load_rows(x, tok, rk, valid, KX)
+            Y = _load_rows(y, tok, rk, valid, KX)
+            A0 += tl.dot(X.to(DT), tl.trans(Y.to(DT)), input_precision=PREC)
+        A0 = tl.where(causal, A0, 0.0)
+        for vb in range(tl.cdiv(VZ, BV)):
+            rv = vb * BV + tl.arange(0, BV)
+            Z = _load_rows(z, tok, rv, valid, VZ).to(tl.float32)
+            G = _load_gates(gc, tok, rv, valid, last_tok, VZ, REVERSE)
+            inter = tl.zeros([BT, BV], dtype=tl.float32)
+            for kb in range(tl.cdiv(KX, BK)):
+                rk = kb * BK + tl.arange(0, BK)
+                X = _load_rows(x, tok, rk, valid, KX)
+                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+                inter += tl.dot(X.to(DT), Wt.to(DT), input_precision=PREC)
+            intra = tl.zeros([BT, BV], dtype=tl.float32)
+            for I in tl.static_range(1, BT // BC):
+                in_I = ((rows >= I * BC) & (rows < I * BC + BC))[:, None]
+                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+                ze = Z * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+                part = tl.dot(tl.where(in_I & (cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT),
+                              input_precision=PREC)
+                intra += tl.where(in_I, part * tl.exp(tl.minimum(G - r[None, :], 0.0)), 0.0)
+            for jj in range(BC):
+                j = block_start + jj
+                j_ok = (j <= rows) & (j < n)
+                tok_j = tl.where(j_ok, first + step * j, t0) * H + i_h
+                Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
+                Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
+                a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
+                intra += a[:, None] * Zj * tl.exp(tl.minimum(G - Gj, 0.0))
+            acc = scale_inter * inter * tl.exp(G) + scale_intra * intra
+            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+                     mask=valid[:, None] & (rv < VZ)[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------------------------
+def chunk_cumsum(g: torch.Tensor, plan: Plan) -> torch.Tensor:
+    B, T, H, D = g.shape
+    gc = new_output((B, T, H, D), torch.float32, g.device)
+    BD = _block(D)
+    _chunk_cumsum_kernel[(plan.chunks.shape[0], H, triton.cdiv(D, BD))](g, gc, plan.chunks, H=H, D=D, BT=BT, BD=BD)
+    return gc
+
+
+def gate_grad(x: torch.Tensor, z: torch.Tensor, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+    B, T, H, D = x.shape
+    dg = new_output((B, T, H, D), dtype, x.device)
+    BD = _block(D)
+    _gate_grad_kernel[(plan.chunks.shape[0], H, triton.cdiv(D, BD))](x, z, dg, plan.chunks, H=H, D=D, BT=BT, BD=BD)
+    return dg
+
+
+def state_scan(x, y, gc, init, plan: Plan, gate_key: bool, reverse: bool, scale: float, pair=None):
+    """Boundary states of S (forward: x = k, y = v; reverse: x = q, y = do, giving state gradients).
+
+    Returns (states [n_slots, H, K, V] in x's dtype, end [N, H, K, V] float32, z [n_slots, H, D] float32 or None):
+    end is the final state forward and the initial state's gradient in reverse; z is the gate gradient's chunk-end
+    term, computed when ``pair`` (the forward states) is given.
+    """
+    H, K, V = x.shape[2], x.shape[3], y.shape[3]
+    BK, BV = _block(K), _block(V)
+    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
+    D = K if gate_key else V
+    dot = _dot_args(x.dtype)
+    dummy = gc  # placeholder for pointers a variant does not touch
+    common = dict(H=H, K=K, V=V, D=D, BT=BT, BK=BK, BV=BV, BD=BK if gate_key else BV, GATE_KEY=gate_key,
+                  REVERSE=reverse, **dot)
+    n_units = plan.units.shape[0]
+    if plan.split:
+        unit_end = new_output((n_units, H, K, V), torch.float32, x.device)
+        log_decay = new_output((n_units, H, D), torch.float32, x.device)
+        _state_scan_kernel[(NK, NV, n_units * H)](
+            x, y, gc, dummy, dummy, unit_end, log_decay, dummy, dummy, plan.chunks, plan.units, scale, plan.n_slots,
+            HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **common)
+        unit_init = new_output((n_units, H, K, V), torch.float32, x.device)
+        BLOCK = min(1024, triton.next_power_of_2(K * V))
+        _compose_kernel[(triton.cdiv(K * V, BLOCK), H, plan.n_seqs)](
+            unit_end, log_decay, dummy if init is None else init, unit_init, plan.seq_units, H=H, K=K, V=V, D=D,
+            BLOCK=BLOCK, GATE_KEY=gate_key, REVERSE=reverse, HAS_INIT=init is not None)
+        init = unit_init  # one initial state per unit
+    states = new_output((plan.n_slots, H, K, V), x.dtype, x.device)
+    end = new_output((plan.n_seqs, H, K, V), torch.float32, x.device)
+    pair_sum = None
+    if pair is not None:
+        pair_sum = new_output((NV if gate_key else NK, plan.n_slots, H, D), torch.float32, x.device)
+    _state_scan_kernel[(NK, NV, n_units * H)](
+        x, y, gc, dummy if init is None else init, states, end, dummy, dummy if pair is None else pair,
+        dummy if pair_sum is None else pair_sum, plan.chunks, plan.units, scale, plan.n_slots,
+        HAS_INIT=init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **common)
+    return states, end, None if pair_sum is None else pair_sum.sum(0)
+
+
+def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_transposed: bool,
+                 scale_inter: float, scale_intra: float, out_dtype: torch.dtype) -> torch.Tensor:
+    B, T, H, KX = x.shape
+    VZ = z.shape[3]
+    out = new_output((B, T, H, VZ), out_dtype, x.device)
+    _chunk_output_kernel[(plan.chunks.shape[0], H)](
+        x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra, H=H, KX=KX, VZ=VZ, BT=BT, BC=BC,
+        BK=_block(KX), BV=_block(VZ), GATE_KEY=gate_key, REVERSE=reverse,
+        STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1,
+        **_dot_args(w.dtype), num_warps=4)
+    return out
+
+
+def gla_forward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, out_dtype):
+    """o = scale * S_t^T q_t and the final states (float32)."""
+    h, final, _ = state_scan(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
+    o = chunk_output(q, k, v, gc, h, plan, gate_key, False, False, scale, scale, out_dtype)
+    return o, final
+
+
+def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, do, dht, grad_dtypes):
+    """(dq, dk, dv, dh0, z): z [n_slots, H, D] is the chunk-end term of the gate gradient (see gate_grad)."""
+    h, _, _ = state_scan(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
+    dh, dh0, z = state_scan(q, do, gc, dht, plan, gate_key, reverse=True, scale=scale, pair=h)
+    dq_dtype, dk_dtype, dv_dtype = grad_dtypes
+    dq = chunk_output(do, v, k, gc, h, plan, not gate_key, False, True, scale, scale, dq_dtype)
+    dk = chunk_output(v, do, q, gc, dh, plan, not gate_key, True, True, 1.0, scale, dk_dtype)
+    dv = chunk_output(k, q, do, gc, dh, plan, gate_key, True, False, 1.0, scale, dv_dtype)
+    return dq, dk, dv, dh0, z
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd functions and the public chunkwise API.
+# ---------------------------------------------------------------------------------------------------------------
+def _states_in(state: torch.Tensor | None) -> torch.Tensor | None:
+    return None if state is None else state.float().contiguous()
+
+
+class ChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, h0, cu_seqlens, gate_key):
+        B, T, H, K = q.shape
+        V = v.shape[3]
+        plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(K, 64) * triton.cdiv(V, 64))
+        gc = chunk_cumsum(g, plan)
+        o, final = gla_forward(q, k, v, gc, plan, gate_key, scale, h0, v.dtype)
+        ctx.save_for_backward(q, k, v, g, h0, None if gate_key else o)
+        ctx.plan, ctx.scale, ctx.gate_key = plan, scale, gate_key
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, g, h0, o = ctx.saved_tensors
+        plan, gate_key = ctx.plan, ctx.gate_key
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        gc = chunk_cumsum(g, plan)
+        f32 = torch.float32
+        grad_dtypes = (f32, f32, v.dtype) if gate_key else (q.dtype, k.dtype, f32)
+        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, h0, do, _states_in(dfinal),
+                                          grad_dtypes)
+        # d/db of the chunk form: q*dq - k*dk with the gate on the keys, o*do - v*dv with it on the values
+        x = q * dq - k * dk if gate_key else o.float() * do.float() - v.float() * dv
+        dg = gate_grad(x.contiguous(), z, plan, g.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, dh0 if h0 is not None else None,
+                None, None)
+
+
+class ChunkGSAFunction(torch.autograd.Function):
+    """GSA = key pass (value-gated GLA of q, k, s; output: scores) -> softmax -> value pass (key-gated GLA of p, s, v).
+
+    Saved for the backward: the inputs and the scores (T x M floats, small next to q); states are recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, s, g, scale, hk0, hv0, cu_seqlens):
+        B, T, H, K = q.shape
+        M, V = s.shape[3], v.shape[3]
+        plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(M, 64) * triton.cdiv(max(K, V), 64))
+        gc = chunk_cumsum(g, plan)
+        scores, hk = gla_forward(q, k, s, gc, plan, False, scale, hk0, torch.float32)
+        p = torch.softmax(scores, dim=-1).to(q.dtype)
+        o, hv = gla_forward(p, s, v, gc, plan, True, 1.0, hv0, v.dtype)
+        ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0)
+        ctx.plan, ctx.scale = plan, scale
+        ctx.set_materialize_grads(False)
+        return o, hk, hv
+
+    @staticmethod
+    def backward(ctx, do, dhk, dhv):
+        q, k, v, s, g, scores, hk0, hv0 = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        f32 = torch.float32
+        do = torch.zeros_like(v) if do is None else do.contiguous()
+        gc = chunk_cumsum(g, plan)
+        p = torch.softmax(scores, dim=-1)
+        p_in = p.to(q.dtype)  # the value pass's queries, as the forward fed them
+        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, hv0, do, _states_in(dhv),
+                                               (f32, f32, v.dtype))
+        dscores = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward
+        dscores_in = dscores.to(q.dtype)
+        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, hk0, dscores_in, _states_in(dhk),
+                                               (q.dtype, k.dtype, f32))
+        ds = ds_v + ds_k
+        # gate terms of both passes: q*dq - k*dk of the value pass, o*do - v*dv of the key pass
+        x = p_in.float() * dp + scores * dscores_in.float() - s.float() * ds
+        dg = gate_grad(x.contiguous(), z_v + z_k, plan, g.dtype)
+        return (dq, dk, dv, ds.to(s.dtype), dg, None, dhk0 if hk0 is not None else None,
+                dhv0 if hv0 is not None else None, None)
+
+
+def _check_common(q, k, v, cu_seqlens, scale, names):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"{names[0]} and {names[1]} must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"{names[2]} must be [B, T, H, V] with q's B, T, H; got {tuple(v.shape)} for q {tuple(q.shape)}")
+    for t in (q, k, v):
+        if not t.is_floating_point() or t.device != q.device:
+            raise ValueError(f"inputs must be floating tensors on one device; got {t.dtype} on {t.device}")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"scale must be a positive number or None, got {scale}")
+    check_cu_seqlens(cu_seqlens, q.shape[0], q.shape[1])
+
+
+def _check_state(state, shape, name):
+    if state is not None and tuple(state.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} ([N, H, ...], N sequences), got {tuple(state.shape)}")
+
+
+def check_gsa_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens):
+    _check_common(q, k, v, cu_seqlens, scale, ("q", "k", "v"))
+    if s.shape != g.shape or s.dim() != 4 or s.shape[:3] != q.shape[:3]:
+        raise ValueError(f"s and g must both be [B, T, H, M] with q's B, T, H; got {tuple(s.shape)} and {tuple(g.shape)}")
+    if not (s.is_floating_point() and g.is_floating_point()):
+        raise ValueError(f"s and g must be floating tensors; got {s.dtype} and {g.dtype}")
+    if len({q.dtype, k.dtype, v.dtype, s.dtype}) != 1:
+        raise ValueError(f"q, k, v, s must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}, {s.dtype}")
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise ValueError("initial_state must be None or a pair (hk0 [N, H, K, M], hv0 [N, H, M, V])")
+        B, _, H, K = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        M, V = s.shape[3], v.shape[3]
+        _check_state(initial_state[0], (N, H, K, M), "initial_state[0] (hk0)")
+        _check_state(initial_state[1], (N, H, M, V), "initial_state[1] (hv0)")
+
+
+def check_gla_inputs(q, k, v, g, scale, initial_state, cu_seqlens, gate_on):
+    _check_common(q, k, v, cu_seqlens, scale, ("q", "k", "v"))
+    if gate_on not in ("key", "value"):
+        raise ValueError(f"gate_on must be 'key' or 'value', got {gate_on!r}")
+    gate_dim = q.shape[3] if gate_on == "key" else v.shape[3]
+    if g.shape != (*q.shape[:3], gate_dim) or not g.is_floating_point():
+        raise ValueError(f"g must be a floating [B, T, H, {'K' if gate_on == 'key' else 'V'}] = "
+                         f"{(*q.shape[:3], gate_dim)} tensor with gate_on={gate_on!r}; got {tuple(g.shape)} {g.dtype}")
+    if len({q.dtype, k.dtype, v.dtype}) != 1:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    B, _, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    _check_state(initial_state, (N, H, K, v.shape[3]), "initial_state")
+
+
+def chunk_gated_linear_attention(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
+                                 cu_seqlens=None, gate_on="key"):
+    """Gated linear attention, chunkwise: S_t = diag(exp g_t) S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; g [B, T, H, K]: log decays (<= 0; float32 recommended), or with
+    gate_on="value" g [B, T, H, V] and S_t = S_{t-1} diag(exp g_t) + k_t v_t^T. A scalar decay per head (Mamba2's
+    SSD) is g broadcast over K. scale defaults to K^-1/2. initial_state [N, H, K, V] (float32) or None, N = B or the
+    number of documents packed along T by cu_seqlens (int64 offsets, B = 1).
+    Returns (o [B, T, H, V], final state [N, H, K, V] float32, or None unless output_final_state).
+    Gradients reach q, k, v, g and the initial state, and flow in from the final state.
+    """
+    check_gla_inputs(q, k, v, g, scale, initial_state, cu_seqlens, gate_on)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    if use_triton(q):
+        o, final = ChunkGLAFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
+                                          _states_in(initial_state), cu_seqlens, gate_on == "key")
+    else:
+        o, final = gla_chunk_torch(q, k, v, g, scale, initial_state, cu_seqlens, gate_on == "key")
+    return o, (final if output_final_state else None)
+
+
+def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """Gated Slot Attention, chunkwise (the recurrence is in reference.py).
+
+    q, k [B, T, H, K]; v [B, T, H, V]; s (slot writes), g (slot log decays, <= 0) [B, T, H, M]; scale defaults to
+    K^-1/2; initial_state None or (hk0 [N, H, K, M], hv0 [N, H, M, V]), float32, N = B or the number of documents
+    packed along T by cu_seqlens (int64 offsets, B = 1).
+    Returns (o [B, T, H, V], (hk [N, H, K, M], hv [N, H, M, V]) float32, or (None, None) unless output_final_state).
+    Gradients reach every input and the initial states, and flow in from the final states.
+    """
+    check_gsa_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens)
+    scale = q.shape[3] ** -0.5 if scale is None else float(scale)
+    hk0, hv0 = (None, None) if initial_state is None else initial_state
+    if use_triton(q):
+        o, hk, hv = ChunkGSAFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(),
+                                           g.contiguous(), scale, _states_in(hk0), _states_in(hv0), cu_seqlens)
+    else:
+        o, hk, hv = gsa_chunk_torch(q, k, v, s, g, scale, initial_state, cu_seqlens)
+    return o, ((hk, hv) if output_final_state else (None, None))
