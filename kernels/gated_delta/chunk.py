@@ -1,0 +1,745 @@
+"""Chunkwise gated delta rule: Triton forward and backward kernels, chunk of 64 tokens, UT/WY form, and the
+sequence split into segments that run in parallel and are joined by the boundary-state algebra of DESIGN.md.
+
+Per value head, with chunk c of C = 64 tokens entering with state h (K x V):
+  gc_i = sum_{j<=i} g_j inside the chunk,  e_i = exp(gc_i),  gl = gc of the chunk's last token;
+  A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for i > j (else 0),  T = (I + A)^-1      (UT transform, the
+        WY representation of the product of the chunk's (I - beta_t k_t k_t^T), paper Sec. 3.2 / Eq. 8-9);
+  w = T diag(beta) (k * e),   u = T diag(beta) v;
+  pseudo-values  vn = u - w h;
+  o = scale [ (q * e) h + P vn ],  P_ij = (q_i . k_j) exp(gc_i - gc_j) for i >= j (else 0);
+  h_next = exp(gl) h + (k * exp(gl - gc))^T vn  =  M_c h + E_c,   M_c = exp(gl) I - (k * exp(gl - gc))^T w.
+
+Parallel along the sequence. The chunks of a sequence are cut into segments of L chunks. Since h_next is affine
+in h, a segment maps its entering state S to M S + E. Three launches replace the chunk-by-chunk pass:
+  1. summary (parallel over segments): run each segment from the state [I | 0] with values [0 | u]: the state
+     columns evolve independently, so the result is [M | E] (the identity columns give M, the u columns E);
+  2. combine (sequential over segments only): S_in(s+1) = M_s S_in(s) + E_s, from the initial state;
+  3. scan (parallel over segments): rerun each segment from its true S_in, writing outputs (and chunk states).
+Depth L + (chunks / L) + L instead of chunks, and more programs to fill the GPU.
+
+Backward. With D the gradient of the loss with respect to the state entering a chunk, dh_c that leaving it:
+  dvn = scale P^T do + (k * exp(gl - gc)) dh_c,        D = exp(gl) dh_c + scale (q * e)^T do - w^T dvn
+  = M_c^T dh_c + G_c: the same algebra reversed, so the same three steps run backwards (M^T from the forward
+summary, G from a summary of the gradients). Then one program per chunk forms every input gradient from h_c, dh_c
+and recomputed w, u, T (see _grads_kernel for the formulas). Stored between forward and backward: the inputs, and
+each segment's entering state (N x HV x K x V per segment) and M; the backward recomputes T, w, u and the chunk
+states.
+
+Implementation notes. Never transpose a tl.dot result (tl.trans of an MMA-layout tensor feeding another dot is
+miscompiled on Hopper by Triton 3.2-3.6; flash-linear-attention issue #640, triton issue #6124): transposed
+products are formed as their own dots of loaded operands, and the two C x C matrices needed both ways go through
+a scratch buffer. Dot operands are in the input dtype, accumulators and states in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+from lctrain.kernels.common import chunk_map, new_output, use_triton
+from lctrain.kernels.gated_delta.checks import check_inputs
+from lctrain.kernels.gated_delta.chunk_torch import chunk_gated_delta_rule_torch
+
+CHUNK = 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _unit_lower_inverse(A):
+    """(I + A)^-1 for a strictly lower triangular 64 x 64 float32 A.
+
+    The four 16 x 16 diagonal blocks D are inverted by Gaussian elimination (15 pivots, the four blocks at once);
+    with Y = (I + D)^-1 and N the part of A below the diagonal blocks, (I + A) = (I + D)(I + Y N) and B = Y N is
+    nilpotent with B^4 = 0, so (I + A)^-1 = (I - B)(I + B^2) Y: the terms of blocked forward substitution.
+    """
+    r = tl.arange(0, 64)
+    block = r // 16
+    same_block = block[:, None] == block[None, :]
+    A_diag = tl.where(same_block, A, 0.0)
+    Y = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+    for m in tl.static_range(15):
+        pivot = block * 16 + m
+        # row i -= A[i, pivot] * (row pivot), inside each diagonal block
+        a_col = tl.sum(tl.where(r[None, :] == pivot[:, None], A_diag, 0.0), axis=1)
+        y_row = tl.sum(tl.where(r[:, None] == pivot[None, :], Y, 0.0), axis=0)
+        Y -= tl.where(same_block, a_col[:, None] * y_row[None, :], 0.0)
+    N = tl.where(same_block, 0.0, A)
+    B = tl.dot(Y, N, input_precision="tf32x3")
+    B2 = tl.dot(B, B, input_precision="tf32x3")
+    I_minus_B = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - B
+    X = I_minus_B + tl.dot(I_minus_B, B2, input_precision="tf32x3")
+    return tl.dot(X, Y, input_precision="tf32x3")
+
+
+@triton.jit
+def _transpose_via_scratch(x, scratch):
+    """x^T for a 64 x 64 float32 x computed by tl.dot (see the module notes), through this program's scratch."""
+    r = tl.arange(0, 64)
+    tl.store(scratch + r[:, None] * 64 + r[None, :], x)
+    tl.debug_barrier()
+    xt = tl.load(scratch + r[None, :] * 64 + r[:, None])
+    tl.debug_barrier()
+    return xt
+
+
+@triton.jit
+def _chunk_tokens(chunks, seq_end, i_c):
+    """Flat token indices of chunk i_c and their validity (the last chunk of a sequence may be partial)."""
+    seq = tl.load(chunks + i_c * 3)
+    t0 = tl.load(chunks + i_c * 3 + 1).to(tl.int64)
+    eos = tl.load(seq_end + seq).to(tl.int64)
+    tok = t0 + tl.arange(0, 64)
+    return tok, tok < eos, t0, eos
+
+
+@triton.jit
+def _wy_prepare_kernel(k, v, g, beta, gc, A_inv, w, u, chunks, seq_end,
+                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr):
+    """Per (chunk, value head): gc = chunk-local cumsum of g, T = (I + A)^-1, w, u (module docstring)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
+    r = tl.arange(0, 64)
+    b_g = tl.load(g + tok * HV + i_hv, mask=valid, other=0.0)
+    b_beta = tl.load(beta + tok * HV + i_hv, mask=valid, other=0.0)
+    b_gc = tl.cumsum(b_g, axis=0)
+    tl.store(gc + tok * HV + i_hv, b_gc, mask=valid)
+    ck = tl.arange(0, BK)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + ck[None, :], mask=valid[:, None] & (ck < K)[None, :], other=0.0)
+    strict = r[:, None] > r[None, :]
+    decay = tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0))
+    b_A = tl.where(strict, tl.dot(b_k, tl.trans(b_k)) * decay * b_beta[:, None], 0.0)
+    b_T = _unit_lower_inverse(b_A.to(tl.float32))
+    tl.store(A_inv + (tok * HV + i_hv)[:, None] * 64 + r[None, :], b_T.to(DT), mask=valid[:, None])
+    b_Td = b_T.to(DT)
+    b_kw = (b_k * (b_beta * tl.exp(b_gc))[:, None]).to(DT)
+    b_w = tl.dot(b_Td, b_kw)
+    tl.store(w + (tok * HV + i_hv)[:, None] * K + ck[None, :], b_w.to(DT), mask=valid[:, None] & (ck < K)[None, :])
+    for i_v in tl.static_range(triton.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        m = valid[:, None] & (cv < V)[None, :]
+        b_v = tl.load(v + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=m, other=0.0)
+        b_u = tl.dot(b_Td, (b_v * b_beta[:, None]).to(DT))
+        tl.store(u + (tok * HV + i_hv)[:, None] * V + cv[None, :], b_u.to(DT), mask=m)
+
+
+@triton.jit
+def _segment(segs, i_s):
+    """Row of the segment table: sequence, first chunk row, chunk count, first token, sequence start and end."""
+    p = segs + i_s * 6
+    return (tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3).to(tl.int64), tl.load(p + 4).to(tl.int64),
+            tl.load(p + 5).to(tl.int64))
+
+
+@triton.jit
+def _fwd_scan_kernel(q, k, w, u, gc, o, h, seg_init, summary, final, segs, scale,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NBM: tl.constexpr,
+                     SUMMARY: tl.constexpr, OUTPUT: tl.constexpr, STORE_H: tl.constexpr,
+                     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """Run one segment's chunks for BV state columns of one value head.
+
+    SUMMARY: start from [I | 0] (column blocks < NBM are identity columns, the rest u's columns) and write the
+    segment's [M | E] to summary [S, HV, K, K + V]. Otherwise start from seg_init[s] (or 0), write o (OUTPUT),
+    each chunk's entering state h[chunk] (STORE_H) and, at a sequence's end, final[seq] (STORE_FINAL).
+    """
+    i_s, i_hv, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    seq, c0, nc, t_start, bos, eos = _segment(segs, i_s)
+    seq = seq.to(tl.int64)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    cb = tl.arange(0, BV)
+    kmask = rk < K
+    if SUMMARY:
+        is_m = i_b < NBM
+        col0 = tl.where(is_m, i_b * BV, (i_b - NBM) * BV)
+        width = tl.where(is_m, K, V)
+        cmask = col0 + cb < width
+        S = tl.where((rk[:, None] == col0 + cb[None, :]) & (i_b * BV + cb < NBM * BV)[None, :], 1.0, 0.0)
+        ucols = cmask & (i_b * BV + cb >= NBM * BV)  # the identity columns see zero values
+    else:
+        col0 = i_b * BV
+        cmask = col0 + cb < V
+        ucols = cmask
+        if HAS_INIT:
+            S = tl.load(seg_init + ((i_s * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :],
+                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+    for j in range(nc):
+        t0 = t_start + j * 64
+        tok = t0 + r
+        valid = tok < eos
+        b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+        last = tl.minimum(eos - t0, 64) - 1
+        b_gl = tl.load(gc + (t0 + last) * HV + i_hv)
+        km = valid[:, None] & kmask[None, :]
+        b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+        b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
+        b_u = tl.load(u + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :],
+                      mask=valid[:, None] & ucols[None, :], other=0.0)
+        b_vn = b_u.to(tl.float32) - tl.dot(b_w, S.to(DT))
+        if OUTPUT:
+            b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+            incl = (r[:, None] >= r[None, :]) & valid[:, None]
+            b_P = tl.dot(b_q, tl.trans(b_k))
+            b_P = tl.where(incl, b_P * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+            b_qd = (b_q * tl.exp(b_gc)[:, None]).to(DT)
+            b_o = tl.dot(b_qd, S.to(DT)) + tl.dot(b_P.to(DT), b_vn.to(DT))
+            tl.store(o + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :], (scale * b_o).to(o.dtype.element_ty),
+                     mask=valid[:, None] & cmask[None, :])
+        if STORE_H:
+            tl.store(h + (((c0 + j).to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :],
+                     S.to(h.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+        to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
+        b_kd = (b_k * to_end[:, None]).to(DT)
+        S = S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn.to(DT))
+    if SUMMARY:
+        out_col = tl.where(is_m, col0, K + col0)
+        tl.store(summary + ((i_s * HV + i_hv) * K + rk[:, None]) * (K + V) + out_col + cb[None, :], S,
+                 mask=kmask[:, None] & cmask[None, :])
+    if STORE_FINAL:
+        if t_start + nc * 64 >= eos:
+            tl.store(final + ((seq * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :], S,
+                     mask=kmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
+                    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    KB: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Fold the segments of one sequence: X(next) = M X + F, writing each segment's entering X to seg_state.
+
+    Forward: X is the state, M and F = E from the forward summary, segments in order, X(0) = the initial state.
+    REVERSE: X is the gradient of the state leaving a segment, M^T read from the forward summary, F = G from the
+    gradient summary, segments in reverse order, X(last) = the final state's gradient. ``affine`` points at F's
+    first column, ``affine_stride`` is F's row stride. M X is summed over row blocks of X re-read from seg_state.
+    """
+    n, i_hv, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    s0 = tl.load(seq_segs + n * 2)
+    ns = tl.load(seq_segs + n * 2 + 1)
+    rk = tl.arange(0, BK)
+    rb = tl.arange(0, KB)
+    cv = i_v * BV + tl.arange(0, BV)
+    xmask = (rk < K)[:, None] & (cv < V)[None, :]
+    if HAS_INIT:
+        X = tl.load(init + ((n * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], mask=xmask, other=0.0)
+    else:
+        X = tl.zeros([BK, BV], dtype=tl.float32)
+    for jj in range(ns - 1):
+        if REVERSE:
+            s = (s0 + ns - 1 - jj).to(tl.int64)
+        else:
+            s = (s0 + jj).to(tl.int64)
+        here = seg_state + ((s * HV + i_hv) * K) * V
+        tl.store(here + rk[:, None] * V + cv[None, :], X, mask=xmask)
+        tl.debug_barrier()
+        X = tl.load(affine + ((s * HV + i_hv) * K + rk[:, None]) * affine_stride + cv[None, :], mask=xmask, other=0.0)
+        m_base = summary + (s * HV + i_hv) * K * (K + V)
+        for kb in tl.static_range(BK // KB):
+            cols = kb * KB + rb
+            mm = (rk < K)[:, None] & (cols < K)[None, :]
+            if REVERSE:
+                b_M = tl.load(m_base + cols[None, :] * (K + V) + rk[:, None], mask=mm, other=0.0)
+            else:
+                b_M = tl.load(m_base + rk[:, None] * (K + V) + cols[None, :], mask=mm, other=0.0)
+            b_X = tl.load(here + cols[:, None] * V + cv[None, :], mask=(cols < K)[:, None] & (cv < V)[None, :],
+                          other=0.0)
+            X += tl.dot(b_M, b_X, input_precision="tf32x3")
+        tl.debug_barrier()
+    if REVERSE:
+        s = s0.to(tl.int64)
+    else:
+        s = (s0 + ns - 1).to(tl.int64)
+    tl.store(seg_state + ((s * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], X, mask=xmask)
+
+
+@triton.jit
+def _bwd_scan_kernel(q, k, w, gc, do, dh, seg_dinit, gsum, dh0, segs, scale,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr,
+                     SUMMARY: tl.constexpr, STORE_DH: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DH0: tl.constexpr):
+    """Run one segment's chunks backwards for BV columns of the state gradient D (module docstring).
+
+    Starts from seg_dinit[s] (the gradient of the state leaving the segment) or 0. SUMMARY writes the segment's
+    G to gsum; STORE_DH writes the gradient of each chunk's leaving state to dh[chunk]; STORE_DH0 writes the
+    gradient of the initial state at a sequence's first segment.
+    """
+    i_s, i_hv, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    seq, c0, nc, t_start, bos, eos = _segment(segs, i_s)
+    seq = seq.to(tl.int64)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    kmask = rk < K
+    smask = kmask[:, None] & (cv < V)[None, :]
+    if HAS_INIT:
+        D = tl.load(seg_dinit + ((i_s * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], mask=smask, other=0.0)
+    else:
+        D = tl.zeros([BK, BV], dtype=tl.float32)
+    for jj in range(nc):
+        j = nc - 1 - jj
+        t0 = t_start + j * 64
+        tok = t0 + r
+        valid = tok < eos
+        if STORE_DH:
+            tl.store(dh + (((c0 + j).to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :],
+                     D.to(dh.dtype.element_ty), mask=smask)
+        b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+        last = tl.minimum(eos - t0, 64) - 1
+        b_gl = tl.load(gc + (t0 + last) * HV + i_hv)
+        km = valid[:, None] & kmask[None, :]
+        b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+        b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+        b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
+        b_do = tl.load(do + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=valid[:, None] & (cv < V)[None, :],
+                       other=0.0)
+        # P^T[j, i] = (k_j . q_i) exp(gc_i - gc_j) for i >= j, formed directly (no transposed dot result)
+        upper = (r[:, None] <= r[None, :]) & valid[None, :]
+        b_PT = tl.dot(b_k, tl.trans(b_q))
+        b_PT = tl.where(upper, b_PT * tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
+        to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
+        b_kd = (b_k * to_end[:, None]).to(DT)
+        b_dvn = scale * tl.dot(b_PT.to(DT), b_do) + tl.dot(b_kd, D.to(DT))
+        b_qd = (b_q * tl.exp(b_gc)[:, None] * scale).to(DT)
+        D = D * tl.exp(b_gl) + tl.dot(tl.trans(b_qd), b_do) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
+    if SUMMARY:
+        tl.store(gsum + ((i_s * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], D, mask=smask)
+    if STORE_DH0:
+        if t_start == bos:
+            tl.store(dh0 + ((seq * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], D, mask=smask)
+
+
+@triton.jit
+def _grads_kernel(q, k, v, w, u, gc, beta, A_inv, h, dh, do, dq, dk, dv, dbeta, dg, scratch, chunks, seq_end, scale,
+                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr):
+    """Every input gradient of one (chunk, value head), from its entering state h, leaving-state gradient dh, do.
+
+    With Z the gradient of the loss with respect to Z, over the chunk (module docstring for the forward):
+      dvn = scale P^T do + (k * exp(gl - gc)) dh;     du = dvn,   dw = -dvn h^T;
+      dS  = do vn^T;  dQK = scale dS * exp(gc_i - gc_j) [i >= j]:   dq = scale (do h^T) * e + dQK k,
+                                                                  dk = dQK^T q + (vn dh^T) * exp(gl - gc) + ...;
+      u = T diag(beta) v, w = T diag(beta) (k * e):  dv = beta * (T^T du),  dX_w = T^T dw,
+      dT = du (beta v)^T + dw (beta e k)^T,   dA = -T^T dT T^T on i > j;
+      A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j):  dk += (E + E^T) k with E = dA * beta_i exp(gc_i - gc_j), dbeta_i
+      += sum_j dA_ij (k_i . k_j) exp(gc_i - gc_j);  every gc-dependent factor adds to dgc (the gate gradient in
+      cumulative form), and dg is dgc summed from each position to the chunk's end.
+    """
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    kmask = rk < K
+    km = valid[:, None] & kmask[None, :]
+    b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+    b_beta = tl.load(beta + tok * HV + i_hv, mask=valid, other=0.0)
+    last = tl.minimum(eos - t0, 64) - 1
+    b_gl = tl.load(gc + (t0 + last) * HV + i_hv)
+    b_e = tl.where(valid, tl.exp(b_gc), 0.0)
+    to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
+    b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    both = valid[:, None] & valid[None, :]
+    incl = (r[:, None] >= r[None, :]) & both
+    upper = (r[:, None] <= r[None, :]) & both
+    strict = (r[:, None] > r[None, :]) & both
+    decay = tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0))  # exp(gc_i - gc_j), i >= j
+    decay_t = tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0))  # its transpose
+    b_QK = tl.dot(b_q, tl.trans(b_k))
+    b_PT = tl.where(upper, tl.dot(b_k, tl.trans(b_q)) * decay_t, 0.0)
+    b_kd = (b_k * to_end[:, None]).to(DT)
+    # T^T, read transposed from memory
+    b_TT = tl.load(A_inv + (tok * HV + i_hv)[None, :] * 64 + r[:, None], mask=both, other=0.0)
+    b_dq = tl.zeros([64, BK], dtype=tl.float32)  # do h^T
+    b_dkh = tl.zeros([64, BK], dtype=tl.float32)  # vn dh^T
+    b_dw = tl.zeros([64, BK], dtype=tl.float32)
+    b_dST = tl.zeros([64, 64], dtype=tl.float32)  # vn do^T
+    b_dT = tl.zeros([64, 64], dtype=tl.float32)
+    b_dbeta = tl.zeros([64], dtype=tl.float32)
+    b_dgl = tl.zeros([BK], dtype=tl.float32)  # sum of dh * h, by row
+    for i_v in tl.static_range(triton.cdiv(V, BV)):
+        cv = i_v * BV + tl.arange(0, BV)
+        vm = valid[:, None] & (cv < V)[None, :]
+        sm = kmask[:, None] & (cv < V)[None, :]
+        state_at = ((i_c.to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :]
+        b_h = tl.load(h + state_at, mask=sm, other=0.0)
+        b_dh = tl.load(dh + state_at, mask=sm, other=0.0)
+        at = (tok * HV + i_hv)[:, None] * V + cv[None, :]
+        b_u = tl.load(u + at, mask=vm, other=0.0)
+        b_v = tl.load(v + at, mask=vm, other=0.0)
+        b_do = tl.load(do + at, mask=vm, other=0.0)
+        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h)).to(DT)
+        b_dvn = (scale * tl.dot(b_PT.to(DT), b_do) + tl.dot(b_kd, b_dh)).to(DT)
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dST += tl.dot(b_vn, tl.trans(b_do))
+        b_dkh += tl.dot(b_vn, tl.trans(b_dh))
+        b_dw -= tl.dot(b_dvn, tl.trans(b_h))
+        b_dXu = tl.dot(b_TT.to(DT), b_dvn)
+        tl.store(dv + at, (b_dXu * b_beta[:, None]).to(dv.dtype.element_ty), mask=vm)
+        b_dbeta += tl.sum(b_dXu * b_v.to(tl.float32), axis=1)
+        b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(DT)))
+        b_dgl += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
+    # intra-chunk attention: dQK = scale dS * decay on i >= j, and its transpose
+    scratch = scratch + (i_c.to(tl.int64) * HV + i_hv) * 4096
+    b_dS = _transpose_via_scratch(b_dST, scratch)
+    b_dQK = tl.where(incl, scale * b_dS * decay, 0.0)
+    b_dQKT = tl.where(upper, scale * b_dST * decay_t, 0.0)
+    b_dq_out = scale * b_dq * b_e[:, None] + tl.dot(b_dQK.to(DT), b_k)
+    b_dk_out = tl.dot(b_dQKT.to(DT), b_q) + b_dkh * to_end[:, None]
+    b_qf = b_q.to(tl.float32)
+    b_kf = b_k.to(tl.float32)
+    b_Z = b_dQK * b_QK  # = scale dS * P: d gc_i gets its row sums, d gc_j loses its column sums
+    b_dgc = tl.sum(b_Z, axis=1) - tl.sum(b_Z, axis=0)
+    b_dgc += scale * tl.sum(b_dq * b_qf, axis=1) * b_e
+    leave = to_end * tl.sum(b_dkh * b_kf, axis=1)  # through (k * exp(gl - gc))^T vn
+    b_dgc -= leave
+    dgl = tl.exp(b_gl) * tl.sum(b_dgl, axis=0) + tl.sum(leave, axis=0)
+    # w = T diag(beta) (k * e)
+    b_bek = b_beta * b_e
+    b_dXw = tl.dot(b_TT.to(DT), b_dw.to(DT))
+    b_dk_out += b_dXw * b_bek[:, None]
+    b_dXw_k = tl.sum(b_dXw * b_kf, axis=1)
+    b_dbeta += b_dXw_k * b_e
+    b_dgc += b_dXw_k * b_bek
+    b_dT += tl.dot(b_dw.to(DT), tl.trans((b_k * b_bek[:, None]).to(DT)))
+    # T = (I + A)^-1:  dA = -T^T dT T^T below the diagonal
+    b_TTf = b_TT.to(tl.float32)
+    b_dA = -tl.dot(tl.dot(b_TTf, b_dT, input_precision="tf32x3"), b_TTf, input_precision="tf32x3")
+    b_dA = tl.where(strict, b_dA, 0.0)
+    b_Gd = tl.where(strict, tl.dot(b_k, tl.trans(b_k)) * decay, 0.0)  # (k_i . k_j) exp(gc_i - gc_j)
+    b_dbeta += tl.sum(b_dA * b_Gd, axis=1)
+    b_Y = b_dA * b_Gd * b_beta[:, None]
+    b_dgc += tl.sum(b_Y, axis=1) - tl.sum(b_Y, axis=0)
+    b_E = b_dA * decay * b_beta[:, None]
+    b_Esym = b_E + _transpose_via_scratch(b_E, scratch)
+    b_dk_out += tl.dot(b_Esym.to(DT), b_k)
+    b_dgc += tl.where(r == last, dgl, 0.0)
+    # g_t enters every gc_i with i >= t
+    b_dg = tl.sum(b_dgc, axis=0) - tl.cumsum(b_dgc, axis=0) + b_dgc
+    tl.store(dq + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dq_out.to(dq.dtype.element_ty), mask=km)
+    tl.store(dk + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dk_out.to(dk.dtype.element_ty), mask=km)
+    tl.store(dbeta + tok * HV + i_hv, b_dbeta, mask=valid)
+    tl.store(dg + tok * HV + i_hv, b_dg, mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# host side
+
+
+@dataclasses.dataclass
+class Layout:
+    """Chunk and segment tables of one call, on the device.
+
+    chunks [NC, 3] (sequence, first flat token, chunk index in its sequence) and seq_end [N] address chunks;
+    segs [S, 6] (sequence, first chunk row, chunk count, first token, sequence start, sequence end) and
+    seq_segs [N, 2] (first segment, segment count) address segments. Every sequence has at least one segment
+    (an empty document has one of zero chunks, so its final state is its initial state).
+    """
+
+    chunks: torch.Tensor
+    seq_end: torch.Tensor
+    segs: torch.Tensor
+    seq_segs: torch.Tensor
+    num_seqs: int
+    num_chunks: int
+    num_segs: int
+    segment_chunks: int
+
+    @property
+    def segmented(self) -> bool:
+        return self.num_segs > self.num_seqs
+
+
+def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: torch.device) -> int:
+    """Chunks per segment: about sqrt(chunks / 2), which balances the depth 2 L + chunks / L, unless the
+    unsegmented pass already has enough programs to fill the GPU (or no GPU: the interpreter gains nothing)."""
+    override = os.environ.get("LCTRAIN_GDN_SEGMENT_CHUNKS")
+    if override:
+        return max(1, int(override))
+    if device.type != "cuda" or longest_chunks <= 4:
+        return max(1, longest_chunks)
+    if programs_per_segment >= 4 * torch.cuda.get_device_properties(device).multi_processor_count:
+        return longest_chunks
+    return 2 ** max(0, round(math.log2(math.sqrt(longest_chunks / 2))))
+
+
+def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device,
+                 segment_chunks: int | None, programs_per_segment: int) -> Layout:
+    if cu_seqlens is None:
+        starts = torch.arange(B, dtype=torch.int64) * T
+        ends = starts + T
+    else:
+        offsets = cu_seqlens.to("cpu", torch.int64)
+        starts, ends = offsets[:-1], offsets[1:]
+    N = starts.numel()
+    chunks = chunk_map(None if cu_seqlens is None else cu_seqlens.cpu(), B, T, CHUNK).to(torch.int64)
+    nc = (ends - starts + CHUNK - 1) // CHUNK
+    first_chunk = torch.cumsum(nc, 0) - nc
+    L = segment_chunks or auto_segment_chunks(int(nc.max()), N * programs_per_segment, device)
+    ns = torch.clamp((nc + L - 1) // L, min=1)
+    first_seg = torch.cumsum(ns, 0) - ns
+    seg_seq = torch.repeat_interleave(torch.arange(N), ns)
+    seg_index = torch.arange(seg_seq.numel()) - first_seg[seg_seq]
+    segs = torch.stack([seg_seq, first_chunk[seg_seq] + seg_index * L,
+                        torch.clamp(nc[seg_seq] - seg_index * L, max=L), starts[seg_seq] + seg_index * L * CHUNK,
+                        starts[seg_seq], ends[seg_seq]], dim=1)
+    seq_segs = torch.stack([first_seg, ns], dim=1)
+    tables = torch.cat([chunks.flatten(), ends, segs.flatten(), seq_segs.flatten()]).to(torch.int32).to(device)
+    a, b, c = chunks.numel(), N, segs.numel()
+    return Layout(tables[:a].view(-1, 3), tables[a:a + b], tables[a + b:a + b + c].view(-1, 6),
+                  tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0], L)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _state_block(K: int, V: int) -> int:
+    """State columns per program: K x BV float32 state tiles of at most 128 x 64."""
+    return max(16, min(64, triton.next_power_of_2(V), 8192 // _pow2(K)))
+
+
+def _warps(elements: int) -> int:
+    return 4 if elements <= 8192 else 8
+
+
+_CONFIGS: dict = {}
+
+
+def _launch(kernel, grid, configs, *args, **constexprs):
+    """Launch with the first (num_warps, num_stages) that fits the GPU's resources, remembered per shape."""
+    key = (kernel, args[0].dtype, tuple(sorted(constexprs.items())))
+    if key in _CONFIGS:
+        num_warps, num_stages = _CONFIGS[key]
+        kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        return
+    error = None
+    for num_warps, num_stages in configs:
+        try:
+            kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        except OutOfResources as e:
+            error = e
+            continue
+        _CONFIGS[key] = (num_warps, num_stages)
+        return
+    raise error
+
+
+def wy_prepare(k, v, g, beta, layout: Layout):
+    """gc (float32 [B, T, HV]), T = (I + A)^-1 ([B, T, HV, 64]), w ([B, T, HV, K]), u ([B, T, HV, V])."""
+    B, T, H, K = k.shape
+    HV, V = v.shape[2], v.shape[3]
+    gc = new_output((B, T, HV), torch.float32, k.device)
+    A_inv = new_output((B, T, HV, CHUNK), k.dtype, k.device)
+    w = new_output((B, T, HV, K), k.dtype, k.device)
+    u = new_output((B, T, HV, V), k.dtype, k.device)
+    BK = _pow2(K)
+    _launch(_wy_prepare_kernel, (layout.num_chunks, HV), [(_warps(64 * BK), 1), (4, 1)],
+            k, v, g, beta, gc, A_inv, w, u, layout.chunks, layout.seq_end,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=min(64, _pow2(V)))
+    return gc, A_inv, w, u
+
+
+def _scan_configs(BK, BV):
+    warps = _warps(BK * BV)
+    return [(warps, 2), (warps, 1), (8, 1)]
+
+
+def forward_summary(k, w, u, gc, layout: Layout):
+    """[M | E] of every segment: float32 [S, HV, K, K + V]."""
+    B, T, H, K = k.shape
+    HV, V = u.shape[2], u.shape[3]
+    BK, BV = _pow2(K), _state_block(K, V)
+    nbm = triton.cdiv(K, BV)
+    summary = new_output((layout.num_segs, HV, K, K + V), torch.float32, k.device)
+    _launch(_fwd_scan_kernel, (layout.num_segs, HV, nbm + triton.cdiv(V, BV)), _scan_configs(BK, BV),
+            k, k, w, u, gc, u, u, summary, summary, summary, layout.segs, 1.0,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NBM=nbm,
+            SUMMARY=True, OUTPUT=False, STORE_H=False, HAS_INIT=False, STORE_FINAL=False)
+    return summary
+
+
+def combine(summary, affine, init, layout: Layout, K: int, V: int, reverse: bool):
+    """Each segment's entering state (forward) or leaving-state gradient (reverse), float32 [S, HV, K, V]."""
+    HV = summary.shape[1]
+    BK = _pow2(K)
+    BV = _state_block(K, V)
+    KB = min(BK, 64)
+    seg_state = new_output((layout.num_segs, HV, K, V), torch.float32, summary.device)
+    stride = affine.shape[-1]
+    if not reverse:
+        affine = affine[..., K:]  # E: the columns after M
+    _launch(_combine_kernel, (layout.num_seqs, HV, triton.cdiv(V, BV)), [(_warps(BK * max(BV, KB)), 1), (8, 1)],
+            summary, affine, stride, init if init is not None else summary, seg_state, layout.seq_segs,
+            HV=HV, K=K, V=V, BK=BK, BV=BV, KB=KB, REVERSE=reverse, HAS_INIT=init is not None)
+    return seg_state
+
+
+def forward_scan(q, k, w, u, gc, seg_init, layout: Layout, scale: float, output: bool, store_h: bool,
+                 output_final_state: bool, out_dtype):
+    """Outputs o [B, T, HV, V], chunk states h [NC, HV, K, V] (input dtype) and final states [N, HV, K, V]."""
+    B, T, H, K = k.shape
+    HV, V = u.shape[2], u.shape[3]
+    BK, BV = _pow2(K), _state_block(K, V)
+    o = new_output((B, T, HV, V), out_dtype, k.device) if output else None
+    h = new_output((layout.num_chunks, HV, K, V), k.dtype, k.device) if store_h else None
+    final = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if output_final_state else None
+    dummy = gc
+    _launch(_fwd_scan_kernel, (layout.num_segs, HV, triton.cdiv(V, BV)), _scan_configs(BK, BV),
+            q, k, w, u, gc, o if output else dummy, h if store_h else dummy,
+            seg_init if seg_init is not None else dummy, dummy, final if output_final_state else dummy,
+            layout.segs, scale,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NBM=0, SUMMARY=False, OUTPUT=output, STORE_H=store_h,
+            HAS_INIT=seg_init is not None, STORE_FINAL=output_final_state)
+    return o, h, final
+
+
+def backward_scan(q, k, w, gc, do, seg_dinit, layout: Layout, scale: float, summary: bool, want_dh0: bool):
+    """SUMMARY: G of every segment (float32 [S, HV, K, V]); otherwise (dh [NC, HV, K, V], dh0 [N, HV, K, V])."""
+    B, T, H, K = k.shape
+    HV, V = do.shape[2], do.shape[3]
+    BK, BV = _pow2(K), _state_block(K, V)
+    dummy = gc
+    gsum = new_output((layout.num_segs, HV, K, V), torch.float32, k.device) if summary else None
+    dh = None if summary else new_output((layout.num_chunks, HV, K, V), k.dtype, k.device)
+    dh0 = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if want_dh0 and not summary else None
+    _launch(_bwd_scan_kernel, (layout.num_segs, HV, triton.cdiv(V, BV)), _scan_configs(BK, BV),
+            q, k, w, gc, do, dh if dh is not None else dummy,
+            seg_dinit if seg_dinit is not None else dummy, gsum if summary else dummy,
+            dh0 if dh0 is not None else dummy, layout.segs, scale,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, SUMMARY=summary, STORE_DH=not summary,
+            HAS_INIT=seg_dinit is not None, STORE_DH0=dh0 is not None)
+    return gsum if summary else (dh, dh0)
+
+
+def chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: Layout, output: bool = True):
+    """o, final state, and what the backward keeps: each segment's entering state and the forward summary."""
+    K, V = k.shape[-1], v.shape[-1]
+    gc, _, w, u = wy_prepare(k, v, g, beta, layout)
+    summary = None
+    seg_init = initial_state
+    if layout.segmented:
+        summary = forward_summary(k, w, u, gc, layout)
+        seg_init = combine(summary, summary, initial_state, layout, K, V, reverse=False)
+    o = final = None
+    if output or output_final_state:
+        o, _, final = forward_scan(q, k, w, u, gc, seg_init, layout, scale, output, False, output_final_state,
+                                   v.dtype)
+    return o, final, seg_init, summary
+
+
+def chunk_backward(q, k, v, g, beta, scale, seg_init, summary, do, dht, layout: Layout, want_dh0: bool):
+    """dq, dk [B, T, H, K] (float32 when value heads share key heads), dv, dbeta, dg, dh0."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout)
+    _, h, _ = forward_scan(q, k, w, u, gc, seg_init, layout, scale, False, True, False, v.dtype)
+    seg_dinit = dht
+    if layout.segmented:
+        gsum = backward_scan(q, k, w, gc, do, None, layout, scale, summary=True, want_dh0=False)
+        seg_dinit = combine(summary, gsum, dht, layout, K, V, reverse=True)
+    dh, dh0 = backward_scan(q, k, w, gc, do, seg_dinit, layout, scale, summary=False, want_dh0=want_dh0)
+    grouped = HV != H
+    qk_grad_dtype = torch.float32 if grouped else q.dtype
+    dq = new_output((B, T, HV, K), qk_grad_dtype, q.device)
+    dk = new_output((B, T, HV, K), qk_grad_dtype, q.device)
+    dv = new_output((B, T, HV, V), v.dtype, q.device)
+    dbeta = new_output((B, T, HV), torch.float32, q.device)
+    dg = new_output((B, T, HV), torch.float32, q.device)
+    scratch = torch.empty(layout.num_chunks * HV * CHUNK * CHUNK, dtype=torch.float32, device=q.device)
+    BK = _pow2(K)
+    _launch(_grads_kernel, (layout.num_chunks, HV), [(8, 1), (4, 1)],
+            q, k, v, w, u, gc, beta, A_inv, h, dh, do, dq, dk, dv, dbeta, dg, scratch, layout.chunks,
+            layout.seq_end, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=min(64, _pow2(V)))
+    if grouped:
+        dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
+        dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+class ChunkGatedDeltaRule(torch.autograd.Function):
+    """Triton path of ``chunk_gated_delta_rule``; g, beta and the initial state arrive as float32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, segment_chunks):
+        B, T, H, K = q.shape
+        HV, V = v.shape[2], v.shape[3]
+        layout = build_layout(B, T, cu_seqlens, q.device, segment_chunks, HV * triton.cdiv(V, _state_block(K, V)))
+        o, final, seg_init, summary = chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout)
+        ctx.save_for_backward(q, k, v, g, beta, seg_init, summary)
+        ctx.layout, ctx.scale, ctx.has_initial_state = layout, scale, initial_state is not None
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, seg_init, summary = ctx.saved_tensors
+        dq, dk, dv, dbeta, dg, dh0 = chunk_backward(
+            q, k, v, g, beta, ctx.scale, seg_init, summary, do.contiguous(),
+            None if dht is None else dht.contiguous(), ctx.layout, want_dh0=ctx.has_initial_state)
+        return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
+
+
+def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                  segment_chunks: int | None = None):
+    """The Triton path with its inputs made contiguous and float32 where the kernels need it.
+
+    ``segment_chunks`` (chunks per parallel segment) defaults to a heuristic; tests set it small to exercise the
+    segment summaries and their composition.
+    """
+    g32, beta32 = g.float().contiguous(), beta.float().contiguous()
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    return ChunkGatedDeltaRule.apply(q.contiguous(), k.contiguous(), v.contiguous(), g32, beta32, scale, h0,
+                                     output_final_state, cu_seqlens, segment_chunks)
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gated delta rule over whole sequences (training and prefill): S_t = exp(g_t) (I - beta_t k_t k_t^T)
+    S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, HV, V] with HV a multiple of H (value head h reads key head h // (HV / H)).
+        g: [B, T, HV], log decay (float32; any float dtype is cast). beta: [B, T, HV].
+        scale: defaults to K ** -0.5.
+        initial_state: [N, HV, K, V] (float32), N = B, or the number of documents with ``cu_seqlens``.
+        output_final_state: also return the states after each sequence.
+        cu_seqlens: int64 [N + 1] offsets of documents packed along one row (B = 1); states reset at each start.
+    Returns:
+        o [B, T, HV, V] in v's dtype; final_state [N, HV, K, V] float32, or None.
+    Gradients reach q, k, v, g, beta and initial_state, and flow back from final_state. K, V <= 256; q, k, v
+    float32, bfloat16 or float16. CUDA tensors (or CPU under TRITON_INTERPRET=1) run the Triton kernels; other
+    CPU tensors run the torch chunkwise implementation.
+    """
+    check_inputs(q, k, v, g, beta, initial_state, cu_seqlens)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if use_triton(q):
+        return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+    return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
