@@ -252,11 +252,21 @@ def _build(cls, raw: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _parse_value(text: str, tp):
+    """A --set value: taken literally for string keys (patterns like '*-' are not YAML), else read as YAML."""
+    if tp is str:
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return text[1:-1] if quoted else text
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
 def _set_dotted(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
     dotted, text = assignment.split("=", 1)
-    value = yaml.safe_load(text) if text.strip() else ""
     node, parts = raw, dotted.strip().split(".")
     cls = RunConfig
     for i, part in enumerate(parts):
@@ -266,7 +276,7 @@ def _set_dotted(raw: dict, assignment: str) -> None:
             raise ConfigError(f"unknown config key '{dotted}' in --set; '{part}' is not a key of {where}; "
                               f"allowed: {', '.join(f.name for f in dataclasses.fields(cls))}")
         if i == len(parts) - 1:
-            node[part] = value
+            node[part] = _parse_value(text, hints[part])
         else:
             cls = hints[part]
             if not dataclasses.is_dataclass(cls):
