@@ -35,6 +35,7 @@ def _from_padded(x: torch.Tensor, cu_seqlens: torch.Tensor | None, T: int) -> to
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
     """Shapes as ``chunk_gated_delta_rule``; computes in float32 (float64 for float64 inputs)."""
     B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
     HV, V = v.shape[2], v.shape[3]
     out_dtype, dtype = v.dtype, torch.promote_types(v.dtype, torch.float32)
     if cu_seqlens is None:
