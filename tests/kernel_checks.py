@@ -14,9 +14,10 @@ import torch
 from lctrain.kernels.common import poisoned_outputs
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, floor: float = 0.0) -> float:
+    """||actual - expected|| / max(||expected||, floor) (the plain difference where both are 0)."""
     actual, expected = actual.double(), expected.double()
-    denom = expected.norm().item()
+    denom = max(expected.norm().item(), floor)
     diff = (actual - expected).norm().item()
     return diff / denom if denom > 0 else diff
 
@@ -36,11 +37,14 @@ def compare_with_reference(
     tol: float,
     grad_names: list[str] | None = None,
     seed: int = 0,
+    grad_floors: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Return {name: relative error} for each output and input gradient; assert every one is <= tol and finite.
 
     ``fast(**inputs)`` and ``reference(**inputs)`` must return the same nested structure of tensors. Inputs named in
-    ``grad_names`` (default: every floating tensor input) get gradients compared.
+    ``grad_names`` (default: every floating tensor input) get gradients compared. ``grad_floors`` {name: norm}: for a
+    gradient whose true value can vanish (a gate's, once every gate is shut), the error is taken relative to
+    max(||reference||, floor) instead, the floor being the gradient's norm in an ordinary regime.
     """
     if grad_names is None:
         grad_names = [n for n, t in inputs.items() if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -83,7 +87,7 @@ def compare_with_reference(
             assert g_ref is not None, f"reference gives no gradient for {name}"
             assert g_fast is not None, f"no gradient reached {name}"
             assert torch.isfinite(g_fast).all(), f"gradient of {name} has NaN/inf"
-            errors[f"d{name}"] = rel_err(g_fast, g_ref)
+            errors[f"d{name}"] = rel_err(g_fast, g_ref, (grad_floors or {}).get(name, 0.0))
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"relative errors above {tol}: {bad} (all: {errors})"
     return errors

@@ -517,7 +517,7 @@ def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, do, 
 # ---------------------------------------------------------------------------------------------------------------
 # Autograd functions and the public chunkwise API.
 # ---------------------------------------------------------------------------------------------------------------
-def _states_in(state: torch.Tensor | None) -> torch.Tensor | None:
+def float_state(state: torch.Tensor | None) -> torch.Tensor | None:
     return None if state is None else state.float().contiguous()
 
 
@@ -542,7 +542,7 @@ class ChunkGLAFunction(torch.autograd.Function):
         gc = chunk_cumsum(g, plan)
         f32 = torch.float32
         grad_dtypes = (f32, f32, v.dtype) if gate_key else (q.dtype, k.dtype, f32)
-        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, h0, do, _states_in(dfinal),
+        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, h0, do, float_state(dfinal),
                                           grad_dtypes)
         # d/db of the chunk form: q*dq - k*dk with the gate on the keys, o*do - v*dv with it on the values
         x = q * dq - k * dk if gate_key else o.float() * do.float() - v.float() * dv
@@ -580,11 +580,11 @@ class ChunkGSAFunction(torch.autograd.Function):
         gc = chunk_cumsum(g, plan)
         p = torch.softmax(scores, dim=-1)
         p_in = p.to(q.dtype)  # the value pass's queries, as the forward fed them
-        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, hv0, do, _states_in(dhv),
+        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, hv0, do, float_state(dhv),
                                                (f32, f32, v.dtype))
         dscores = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward
         dscores_in = dscores.to(q.dtype)
-        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, hk0, dscores_in, _states_in(dhk),
+        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, hk0, dscores_in, float_state(dhk),
                                                (q.dtype, k.dtype, f32))
         ds = ds_v + ds_k
         # gate terms of both passes: q*dq - k*dk of the value pass, o*do - v*dv of the key pass
@@ -660,7 +660,7 @@ def chunk_gated_linear_attention(q, k, v, g, scale=None, initial_state=None, out
     scale = q.shape[3] ** -0.5 if scale is None else float(scale)
     if use_triton(q):
         o, final = ChunkGLAFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), scale,
-                                          _states_in(initial_state), cu_seqlens, gate_on == "key")
+                                          float_state(initial_state), cu_seqlens, gate_on == "key")
     else:
         o, final = gla_chunk_torch(q, k, v, g, scale, initial_state, cu_seqlens, gate_on == "key")
     return o, (final if output_final_state else None)
@@ -680,7 +680,7 @@ def chunk_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=
     hk0, hv0 = (None, None) if initial_state is None else initial_state
     if use_triton(q):
         o, hk, hv = ChunkGSAFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), s.contiguous(),
-                                           g.contiguous(), scale, _states_in(hk0), _states_in(hv0), cu_seqlens)
+                                           g.contiguous(), scale, float_state(hk0), float_state(hv0), cu_seqlens)
     else:
         o, hk, hv = gsa_chunk_torch(q, k, v, s, g, scale, initial_state, cu_seqlens)
     return o, ((hk, hv) if output_final_state else (None, None))

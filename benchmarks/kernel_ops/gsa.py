@@ -1,0 +1,81 @@
+"""Gated Slot Attention: lctrain's chunk_gsa against flash-linear-attention's fla.ops.gsa.chunk_gsa (the baseline).
+
+Shape: the GSA paper's 1.3B layer, B = 1, H = 4, K = V = 512, M = 64 slots, bf16; the layer's gates
+g = logsigmoid(x) / 8 (damping) and slot writes s = 1 - exp(g). On CPU (--tiny) H = 1, K = V = 32, M = 16.
+
+Cost model, per token and head, from the chunkwise math with chunks of C = 64 and causal halves counted once:
+    key pass   state read 2KM + intra q.k 2K(C/2) + intra A.s 2(C/2)M + state update 2KM
+    value pass state read 2MV + intra p.s 2M(C/2) + intra A.v 2(C/2)V + state update 2MV
+    backward = 2 x forward (three output-sized products per pass: dq, dk, dv, each the size of the forward's).
+Fewest bytes: forward reads q, k, v, s, g and writes o; backward reads them and do, writes dq, dk, dv, ds, dg
+(all in the inputs' dtype; states and scores never need to leave the chip in the ideal kernel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import Impl, OpSpec
+
+GPU_DIMS = (4, 512, 512, 64)  # H, K, V, M
+CPU_DIMS = (1, 32, 32, 16)
+CHUNK = 64
+
+
+def _dims(device: torch.device):
+    return GPU_DIMS if device.type == "cuda" else CPU_DIMS
+
+
+def make_inputs(T: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict:
+    H, K, V, M = _dims(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    g = F.logsigmoid(randn(1, T, H, M)) / 8
+    inputs = {"q": randn(1, T, H, K), "k": randn(1, T, H, K), "v": randn(1, T, H, V), "s": 1 - g.exp(), "g": g}
+    return {name: t.to(dtype).requires_grad_() for name, t in inputs.items()}
+
+
+def cost(T: int) -> tuple[float, float, float, float]:
+    H, K, V, M = GPU_DIMS
+    half = CHUNK / 2
+    key_pass = 2 * K * M + 2 * K * half + 2 * half * M + 2 * K * M
+    value_pass = 2 * M * V + 2 * M * half + 2 * half * V + 2 * M * V
+    fwd_flops = T * H * (key_pass + value_pass)
+    elem = 2  # bf16
+    inputs = T * H * (2 * K + V + 2 * M) * elem
+    out = T * H * V * elem
+    return fwd_flops, inputs + out, 2 * fwd_flops, inputs + out + inputs
+
+
+def _lctrain() -> Impl:
+    from lctrain.kernels.gsa import chunk_gsa
+
+    return Impl("lctrain", lambda x: chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])[0])
+
+
+def _fla() -> Impl:
+    if not torch.cuda.is_available():
+        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
+    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
+        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
+    # fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile in another op's kernel);
+    # for timing only, bypass the guard, as the project rules allow.
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return Impl("fla", lambda x: fla_chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])[0])
+
+
+SPEC = OpSpec(
+    name="gsa",
+    lengths=[8192, 32768, 65536, 131072],
+    tiny_lengths=[20],
+    make_inputs=make_inputs,
+    cost=cost,
+    impls=lambda: [_lctrain(), _fla()],
+    baseline="fla",
+)

@@ -1,0 +1,193 @@
+"""GSA and gated linear attention kernels on CPU: the Triton kernels under the interpreter (float32) and the torch path,
+each against the float64 recurrent loops of kernels/gsa/reference.py through kernel_checks.compare_with_reference
+(outputs poisoned; values, final states and every gradient, initial states included, within 1e-4).
+
+Dimensions are small and K != V != M so that a swapped axis cannot pass; UNIT_CHUNKS = 1 or 2 forces the split of a
+sequence into units (the GPU's in-sequence parallel scan), which CPU runs would otherwise never take.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lctrain.kernels.gsa.chunk as gsa_chunk
+from lctrain.kernels.gsa import chunk_gated_linear_attention, chunk_gsa, fused_recurrent_gsa
+from lctrain.kernels.gsa.reference import recurrent_gated_linear_attention, recurrent_gsa
+from tests.kernel_checks import compare_with_reference
+
+TOL = 1e-4
+K, V, M = 32, 16, 8
+
+
+def gsa_inputs(B, T, H=1, seed=0, docs=None, init=True, gate=None, dims=(K, V, M)):
+    """Random GSA inputs as compare_with_reference's dict; docs: document lengths packed along T (B = 1)."""
+    k_dim, v_dim, m_dim = dims
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    N = B if docs is None else len(docs)
+    x = {"q": randn(B, T, H, k_dim), "k": randn(B, T, H, k_dim), "v": randn(B, T, H, v_dim),
+         "s": randn(B, T, H, m_dim),
+         "g": F.logsigmoid(randn(B, T, H, m_dim)) if gate is None else gate(randn(B, T, H, m_dim))}
+    if init:
+        x["hk0"], x["hv0"] = randn(N, H, k_dim, m_dim), randn(N, H, m_dim, v_dim)
+    if docs is not None:
+        x["cu_seqlens"] = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], dtype=torch.int64)
+    return x
+
+
+def gsa_op(fn, final):
+    def run(q, k, v, s, g, hk0=None, hv0=None, cu_seqlens=None):
+        state = None if hk0 is None else (hk0, hv0)
+        return fn(q, k, v, s, g, initial_state=state, output_final_state=final, cu_seqlens=cu_seqlens)
+    return run
+
+
+@pytest.fixture
+def units(monkeypatch):
+    """Chunks per sequential unit for one test (None: one unit per sequence)."""
+    def set_units(n):
+        monkeypatch.setattr(gsa_chunk, "UNIT_CHUNKS", n)
+    return set_units
+
+
+@pytest.mark.parametrize("B,T,H,init,final,unit", [
+    (1, 1, 1, True, True, None),
+    (2, 17, 1, False, True, None),
+    (1, 64, 2, True, False, None),
+    (1, 65, 1, True, True, 1),
+    (1, 130, 1, False, True, 2),
+])
+def test_chunk_gsa(B, T, H, init, final, unit, units):
+    units(unit)
+    compare_with_reference(gsa_op(chunk_gsa, final), gsa_op(recurrent_gsa, final),
+                           gsa_inputs(B, T, H, seed=T, init=init), TOL)
+
+
+@pytest.mark.parametrize("unit", [None, 1])
+def test_chunk_gsa_varlen(unit, units):
+    units(unit)
+    docs = [1, 5, 64, 70]
+    compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True),
+                           gsa_inputs(1, sum(docs), docs=docs), TOL)
+
+
+@pytest.mark.parametrize("gate", [
+    lambda x: F.logsigmoid(30 * x - 10),  # mixes open gates with exp(g) ~ 1e-13 .. 1e-17
+    lambda x: F.logsigmoid(40 * x - 400) / 8,  # logsigmoid of large negative values with the paper's damping
+    lambda x: torch.full_like(x, -1e4),  # a reset at every token
+])
+def test_strong_gates(gate):
+    """No NaN/inf anywhere, and the usual accuracy. Once the gates shut, the true dg vanishes (~e^-50) while float32
+    leaves ~1e-7 of the terms it cancels, so dg's error is measured against unit-size gradients (floor sqrt(numel))."""
+    x = gsa_inputs(1, 70, seed=3, gate=gate)
+    compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True), x, TOL,
+                           grad_floors={"g": x["g"].numel() ** 0.5})
+
+
+def test_torch_path(monkeypatch):
+    """CPU without the interpreter: chunk_gsa and fused_recurrent_gsa fall back to the chunkwise torch code."""
+    monkeypatch.setattr(gsa_chunk, "use_triton", lambda x: False)
+    monkeypatch.setattr(sys.modules["lctrain.kernels.gsa.fused_recurrent"], "use_triton", lambda x: False)
+    docs = [1, 17, 40]
+    for fn in (chunk_gsa, fused_recurrent_gsa):
+        compare_with_reference(gsa_op(fn, True), gsa_op(recurrent_gsa, True),
+                               gsa_inputs(1, sum(docs), H=2, docs=docs), TOL)
+    compare_with_reference(gsa_op(chunk_gsa, False), gsa_op(recurrent_gsa, False),
+                           gsa_inputs(2, 33, init=False, gate=lambda x: F.logsigmoid(30 * x - 10)), TOL,
+                           grad_floors={"g": (2 * 33 * M) ** 0.5})
+
+
+@pytest.mark.parametrize("docs", [None, [3, 1, 9]])
+def test_fused_recurrent_gsa(docs):
+    T = 13 if docs is None else sum(docs)
+    compare_with_reference(gsa_op(fused_recurrent_gsa, True), gsa_op(recurrent_gsa, True),
+                           gsa_inputs(2 if docs is None else 1, T, docs=docs), TOL)
+
+
+def gla_op(fn, gate_on, final=True):
+    def run(q, k, v, g, h0=None, cu_seqlens=None):
+        return fn(q, k, v, g, scale=0.7, initial_state=h0, output_final_state=final, cu_seqlens=cu_seqlens,
+                  gate_on=gate_on)
+    return run
+
+
+@pytest.mark.parametrize("gate_on,T,unit,docs", [
+    ("key", 65, 1, None),
+    ("value", 65, 1, None),
+    ("key", 75, None, [1, 64, 10]),
+    ("value", 75, None, [1, 64, 10]),
+])
+def test_chunk_gated_linear_attention(gate_on, T, unit, docs, units):
+    units(unit)
+    gen = torch.Generator().manual_seed(T)
+    N = 1 if docs is None else len(docs)
+    x = {"q": torch.randn(1, T, 1, K, generator=gen), "k": torch.randn(1, T, 1, K, generator=gen),
+         "v": torch.randn(1, T, 1, V, generator=gen),
+         "g": F.logsigmoid(torch.randn(1, T, 1, K if gate_on == "key" else V, generator=gen)),
+         "h0": torch.randn(N, 1, K, V, generator=gen)}
+    if docs is not None:
+        x["cu_seqlens"] = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()])
+    compare_with_reference(gla_op(chunk_gated_linear_attention, gate_on), gla_op(recurrent_gated_linear_attention,
+                                                                                  gate_on), x, TOL)
+
+
+def test_gated_linear_attention_scalar_decay():
+    """Mamba2's use: one decay per head broadcast over K; the gradient reaches the per-head decay."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, N, P = 2, 20, 1, 32, 16
+    x = {"q": torch.randn(B, T, H, N, generator=gen), "k": torch.randn(B, T, H, N, generator=gen),
+         "v": torch.randn(B, T, H, P, generator=gen), "a": -F.softplus(torch.randn(B, T, H, generator=gen))}
+
+    def op(fn):
+        def run(q, k, v, a):
+            return fn(q, k, v, a[..., None].expand(B, T, H, N), scale=1.0, output_final_state=True)
+        return run
+
+    compare_with_reference(op(chunk_gated_linear_attention), op(recurrent_gated_linear_attention), x, TOL)
+
+
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 2), T=st.integers(1, 70), H=st.just(1), k_dim=st.sampled_from([16, 24, 40]),
+       v_dim=st.sampled_from([8, 20]), m_dim=st.sampled_from([4, 16, 17]), init=st.booleans(), final=st.booleans(),
+       unit=st.sampled_from([None, 1]), seed=st.integers(0, 2**16))
+def test_chunk_gsa_shapes(B, T, H, k_dim, v_dim, m_dim, init, final, unit, seed):
+    previous, gsa_chunk.UNIT_CHUNKS = gsa_chunk.UNIT_CHUNKS, unit
+    try:
+        compare_with_reference(gsa_op(chunk_gsa, final), gsa_op(recurrent_gsa, final),
+                               gsa_inputs(B, T, H, seed=seed, init=init, dims=(k_dim, v_dim, m_dim)), TOL)
+    finally:
+        gsa_chunk.UNIT_CHUNKS = previous
+
+
+def test_bad_inputs():
+    x = gsa_inputs(1, 8, init=False)
+    q, k, v, s, g = x["q"], x["k"], x["v"], x["s"], x["g"]
+    with pytest.raises(ValueError, match="s and g"):
+        chunk_gsa(q, k, v, s, g[..., :3])
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_gsa(q, k, v, s, g, initial_state=(torch.zeros(1, 1, K, M), torch.zeros(1, 1, V, M)))
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        chunk_gsa(q, k, v, s, g, cu_seqlens=torch.tensor([0, 3, 7]))
+    with pytest.raises(ValueError, match="gate_on"):
+        chunk_gated_linear_attention(q, k, v, g, gate_on="slot")
+    with pytest.raises(ValueError, match="g must be"):
+        chunk_gated_linear_attention(q, k, v, g)
+
+
+def test_benchmark_tiny_run():
+    """The benchmark's CPU dry run (tiny shapes) goes through both lctrain paths it times."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--op", "gsa", "--tiny", "--reps", "1"]) == 0
