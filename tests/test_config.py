@@ -90,3 +90,18 @@ def test_train_without_prepared_data_fails_cleanly(tmp_path):
                              "--set", f"run_dir={run_dir}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "train-tokenizer" in result.stderr and not run_dir.exists()
+
+
+def test_readme_documents_every_config_key():
+    import dataclasses
+    import typing
+
+    readme = (ROOT / "README.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            tp = typing.get_type_hints(cls)[f.name]
+            yield from keys(tp, prefix + f.name + ".") if dataclasses.is_dataclass(tp) else [prefix + f.name]
+
+    missing = [k for k in keys(RunConfig) if f"`{k}`" not in readme]
+    assert not missing, f"README's config reference lacks {missing}"
