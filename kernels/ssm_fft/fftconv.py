@@ -107,8 +107,7 @@ def _rows_tables(r1: int, n: int, device: torch.device) -> tuple[torch.Tensor, .
 
 
 @triton.jit
-def _column_tile(tile, channels, M: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr,
-                 CHANNEL_FASTEST: tl.constexpr):
+def _column_tile(tile, channels, M, J23: tl.constexpr, JC: tl.constexpr, CHANNEL_FASTEST: tl.constexpr):
     """Columns of a rows-stage tile: J23 consecutive n23 times JC consecutive channels, flattened to J23 * JC.
 
     CHANNEL_FASTEST orders the flat index channel-first (coalesced for the time-major [T, C] tensors) or
@@ -118,18 +117,18 @@ def _column_tile(tile, channels, M: tl.constexpr, J23: tl.constexpr, JC: tl.cons
         n23_local, c_local = j // JC, j % JC
     else:
         n23_local, c_local = j % J23, j // J23
-    n23_tiles: tl.constexpr = M // J23
+    n23_tiles = M // J23
     n23 = (tile % n23_tiles) * J23 + n23_local
     c = (tile // n23_tiles) * JC + c_local
     return n23, c, c < channels
 
 
 @triton.jit
-def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c,
-                     M: tl.constexpr, R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                     J23: tl.constexpr, JC: tl.constexpr, CHANNEL_FASTEST: tl.constexpr):
+def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, R1H,
+                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr,
+                     CHANNEL_FASTEST: tl.constexpr):
     """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c."""
-    ROW_BLOCKS: tl.constexpr = R1H // BM
+    ROW_BLOCKS = R1H // BM
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
@@ -158,11 +157,11 @@ def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, strid
 
 
 @triton.jit
-def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c,
-                      N: tl.constexpr, M: tl.constexpr, R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-                      J23: tl.constexpr, JC: tl.constexpr, CHANNEL_FASTEST: tl.constexpr):
+def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, R1H,
+                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr,
+                      CHANNEL_FASTEST: tl.constexpr):
     """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2."""
-    ROW_BLOCKS: tl.constexpr = R1H // BM
+    ROW_BLOCKS = R1H // BM
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
@@ -186,24 +185,24 @@ def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_
 
 
 @triton.jit
-def _unit_phases(rows, cols, R: tl.constexpr):
+def _unit_phases(rows, cols, R):
     """exp(-2 pi i (rows * cols mod R) / R) as (re, im): exact integer phases, so no error grows with R."""
     phase = ((rows * cols) % R).to(tl.float32) * (6.283185307179586 / R)
     return tl.cos(phase), -tl.sin(phase)
 
 
-@triton.jit
-def _cmul(ar, ai, br, bi):
-    return ar * br - ai * bi, ar * bi + ai * br
+# Complex products are written out (re, im) inline: the interpreter pays ~2 ms per call of a jitted helper.
 
 
 @triton.jit
 def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3]."""
-    xr, xi = _cmul(ar, ai, twr, twi)
+    xr = ar * twr - ai * twi
+    xi = ar * twi + ai * twr
     br = tl.dot(f2r, xr, tl.dot(-f2i, xi))
     bi = tl.dot(f2r, xi, tl.dot(f2i, xr))
-    cr, ci = _cmul(br, bi, tir, tii)
+    cr = br * tir - bi * tii
+    ci = br * tii + bi * tir
     return tl.dot(cr, f3r, tl.dot(ci, -f3i)), tl.dot(cr, f3i, tl.dot(ci, f3r))
 
 
@@ -212,14 +211,15 @@ def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage."""
     cr = tl.dot(yr, f3r, tl.dot(yi, f3i))
     ci = tl.dot(yi, f3r, tl.dot(yr, -f3i))
-    br, bi = _cmul(cr, ci, tir, -tii)
+    br = cr * tir + ci * tii
+    bi = ci * tir - cr * tii
     xr = tl.dot(f2r, br, tl.dot(f2i, bi))
     xi = tl.dot(f2r, bi, tl.dot(-f2i, br))
-    return _cmul(xr, xi, twr, -twi)
+    return xr * twr + xi * twi, xi * twr - xr * twi
 
 
 @triton.jit
-def _row_factors(k1, N: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr):
+def _row_factors(k1, N, R2: tl.constexpr, R3: tl.constexpr):
     """Row k1's twiddle W_N^{k1 n23}, the inner twiddle W_M^{k2 n3}, F_R2 and F_R3, each as (re, im)."""
     i2 = tl.arange(0, R2)
     i3 = tl.arange(0, R3)
@@ -231,11 +231,10 @@ def _row_factors(k1, N: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr):
 
 
 @triton.jit
-def _spectral_product_kernel(u_rows, k_rows, batch, channels, batch_stride, channels_per_program,
-                             N: tl.constexpr, R1H: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr):
+def _spectral_product_kernel(u_rows, k_rows, batch, channels, batch_stride, channels_per_program, N, SEQ,
+                             R2: tl.constexpr, R3: tl.constexpr):
     """Row k1 of every (b, c): u_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])), in place."""
     M: tl.constexpr = R2 * R3
-    SEQ: tl.constexpr = (R1H + 1) * 2 * M
     k1 = tl.program_id(0)
     c_lo = tl.program_id(1) * channels_per_program
     c_hi = tl.minimum(c_lo + channels_per_program, channels)
@@ -249,8 +248,7 @@ def _spectral_product_kernel(u_rows, k_rows, batch, channels, batch_stride, chan
         up = uc
         for _ in range(batch):
             ur, ui = _row_spectrum(tl.load(up), tl.load(up + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-            yr, yi = _cmul(ur, ui, kr, ki)
-            yr, yi = _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i)
+            yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, twr, twi, f2r, f2i, tir, tii, f3r, f3i)
             tl.store(up, yr)
             tl.store(up + M, yi)
             up += batch_stride
@@ -259,12 +257,10 @@ def _spectral_product_kernel(u_rows, k_rows, batch, channels, batch_stride, chan
 
 
 @triton.jit
-def _spectral_grad_kernel(dy_rows, u_rows, k_rows, batch, channels, batch_stride, channels_per_program,
-                          N: tl.constexpr, R1H: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-                          NEED_DU: tl.constexpr, NEED_DK: tl.constexpr):
+def _spectral_grad_kernel(dy_rows, u_rows, k_rows, batch, channels, batch_stride, channels_per_program, N, SEQ,
+                          R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr, NEED_DK: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du), k_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk), in place."""
     M: tl.constexpr = R2 * R3
-    SEQ: tl.constexpr = (R1H + 1) * 2 * M
     k1 = tl.program_id(0)
     c_lo = tl.program_id(1) * channels_per_program
     c_hi = tl.minimum(c_lo + channels_per_program, channels)
@@ -284,15 +280,14 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, batch, channels, batch_stride
         for _ in range(batch):
             gr, gi = _row_spectrum(tl.load(dp), tl.load(dp + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
             if NEED_DU:
-                dur, dui = _cmul(gr, gi, kr, -ki)
-                dur, dui = _row_inverse(dur, dui, twr, twi, f2r, f2i, tir, tii, f3r, f3i)
+                dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki,  # DY conj(K)
+                                         twr, twi, f2r, f2i, tir, tii, f3r, f3i)
                 tl.store(dp, dur)
                 tl.store(dp + M, dui)
             if NEED_DK:
                 ur, ui = _row_spectrum(tl.load(up), tl.load(up + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-                pr, pi = _cmul(gr, gi, ur, -ui)
-                dkr += pr
-                dki += pi
+                dkr += gr * ur + gi * ui  # DY conj(U)
+                dki += gi * ur - gr * ui
             dp += batch_stride
             up += batch_stride
         if NEED_DK:
@@ -346,8 +341,7 @@ def _rows_launch(signal: _Signal, plan: FFTPlan):
     bm = bk = min(plan.half_rows, 64)
     tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
     grid = (tiles * (plan.half_rows // bm), signal.batch)
-    meta = dict(M=plan.m, R1H=plan.half_rows, BM=bm, BK=bk, J23=j23, JC=jc, CHANNEL_FASTEST=signal.time_major,
-                num_warps=8)
+    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, CHANNEL_FASTEST=signal.time_major, num_warps=8)
     return grid, meta
 
 
@@ -358,7 +352,7 @@ def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
     cos, nsin, _, _ = _rows_tables(plan.r1, plan.n, signal.data.device)
     grid, meta = _rows_launch(signal, plan)
     _rows_dft_kernel[grid](signal.data, rows, cos, nsin, signal.length, signal.channels, signal.stride_b,
-                           signal.stride_t, signal.stride_c, **meta)
+                           signal.stride_t, signal.stride_c, plan.m, plan.half_rows, **meta)
     return rows
 
 
@@ -367,7 +361,7 @@ def rows_idft(rows: torch.Tensor, out: _Signal, plan: FFTPlan) -> None:
     _, _, mc, ms = _rows_tables(plan.r1, plan.n, rows.device)
     grid, meta = _rows_launch(out, plan)
     _rows_idft_kernel[grid](rows, out.data, mc, ms, out.length, out.channels, out.stride_b, out.stride_t,
-                            out.stride_c, N=plan.n, **meta)
+                            out.stride_c, plan.n, plan.m, plan.half_rows, **meta)
 
 
 def _spectral_grid(plan: FFTPlan, channels: int, device: torch.device) -> tuple[tuple[int, int], int]:
@@ -383,27 +377,29 @@ def _spectral_grid(plan: FFTPlan, channels: int, device: torch.device) -> tuple[
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan):
     grid, per_program = _spectral_grid(plan, channels, u_rows.device)
-    _spectral_product_kernel[grid](u_rows, k_rows, batch, channels, u_rows[0].numel() * channels, per_program, N=plan.n, R1H=plan.half_rows,
-                                   R2=plan.r2, R3=plan.r3, num_warps=4)
+    _spectral_product_kernel[grid](u_rows, k_rows, batch, channels, u_rows[0].numel() * channels, per_program,
+                                   plan.n, u_rows[0].numel(), R2=plan.r2, R3=plan.r3, num_warps=4)
 
 
 def spectral_grad(dy_rows, u_rows, k_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool, need_dk: bool):
     grid, per_program = _spectral_grid(plan, channels, dy_rows.device)
     _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, batch, channels,
-                                dy_rows[0].numel() * channels, per_program,
-                                N=plan.n, R1H=plan.half_rows, R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
+                                dy_rows[0].numel() * channels, per_program, plan.n, dy_rows[0].numel(),
+                                R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
                                 NEED_DK=need_dk, num_warps=4)
 
 
 class CausalFFTConvFunction(torch.autograd.Function):
+    """u [B, T, C], k [C, Tk] -> y [B, T, C] in ``out_dtype`` (u's dtype when None)."""
+
     @staticmethod
-    def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan):
+    def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan, out_dtype: torch.dtype | None = None):
         u, k = u.contiguous(), k.contiguous()
         batch, length, channels = u.shape
         u_rows = rows_dft(_Signal.time_major_of(u), plan)
         k_rows = rows_dft(_Signal.channel_major_of(k), plan)
         spectral_product(u_rows, k_rows, batch, channels, plan)
-        y = new_output(u.shape, u.dtype, u.device)
+        y = new_output(u.shape, out_dtype or u.dtype, u.device)
         rows_idft(u_rows, _Signal.time_major_of(y), plan)
         ctx.save_for_backward(u, k)
         ctx.plan = plan
@@ -429,7 +425,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
         if need_dk:
             dk = new_output(k.shape, k.dtype, k.device)
             rows_idft(k_rows, _Signal.channel_major_of(dk), plan)
-        return du, dk, None
+        return du, dk, None, None
 
 
 # --------------------------------------------------------------------------------------------- public entry
@@ -471,5 +467,5 @@ def causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     _check(u, k)
     if use_triton(u):
-        return CausalFFTConvFunction.apply(u, k, fft_plan(u.shape[1]))
+        return CausalFFTConvFunction.apply(u, k, fft_plan(u.shape[1]), None)
     return causal_fft_conv_torch(u, k)

@@ -1,0 +1,158 @@
+"""ssm_fft on CPU: the Triton FFT convolution (interpreter, float32) and the S4D SSM against float64 direct sums and
+token-by-token recurrences, values and every gradient (compare_with_reference, outputs poisoned)."""
+import os
+
+import pytest
+import torch
+
+from kernel_checks import compare_with_reference
+from lctrain.kernels.ssm_fft import (causal_fft_conv, causal_fft_conv_torch, s4d_kernel, s4d_ssm, s4d_transition)
+from lctrain.kernels.ssm_fft import fftconv
+from lctrain.kernels.ssm_fft.reference import causal_conv_reference, s4d_kernel_reference, s4d_ssm_reference
+
+TOL = 1e-4
+
+
+def conv_inputs(batch, length, channels, taps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {"u": torch.randn(batch, length, channels, generator=gen),
+            "k": torch.randn(channels, taps, generator=gen) / taps**0.5}
+
+
+@pytest.mark.parametrize("length,taps", [(1, 1), (17, 17), (100, 37), (257, 257)])
+def test_causal_fft_conv_matches_direct_sum(length, taps):
+    assert os.environ.get("TRITON_INTERPRET") == "1", "these tests exercise the Triton kernels under the interpreter"
+    compare_with_reference(causal_fft_conv, causal_conv_reference, conv_inputs(2, length, 2, taps), TOL)
+
+
+# every tile shape and row-blocking of the kernels, forced at small T (the result does not depend on N >= 2T)
+# (R1, R2 x R3) = (32, 32x16), (64, 32x32), (32, 64x32), (256, 32x32): two row blocks and two K steps
+@pytest.mark.parametrize("fft_size,tile", [(16384, 1024), (65536, 1024), (65536, 2048), (262144, 1024)])
+def test_causal_fft_conv_every_plan(fft_size, tile):
+    plan = fftconv.fft_plan(45, fft_size, tile)
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 45, 1, 30, seed=1), TOL)
+
+
+def test_causal_fft_conv_gpu_column_tiles(monkeypatch):
+    """The GPU's 128-column rows tiles (the interpreter otherwise takes wide ones), time- and channel-major."""
+    monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 128)
+    compare_with_reference(causal_fft_conv, causal_conv_reference, conv_inputs(1, 21, 17, 21, seed=2), TOL)
+
+
+def test_causal_fft_conv_one_gradient():
+    """Only du, or only dk, asked for: the backward skips the other product."""
+    inputs = conv_inputs(2, 30, 3, 30, seed=3)
+    for name in ("u", "k"):
+        compare_with_reference(causal_fft_conv, causal_conv_reference, inputs, TOL, grad_names=[name])
+
+
+def test_torch_fft_path_matches_direct_sum(monkeypatch):
+    compare_with_reference(causal_fft_conv_torch, causal_conv_reference, conv_inputs(2, 101, 5, 60), TOL)
+    # without CUDA and without the interpreter, causal_fft_conv is the torch.fft path
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    compare_with_reference(causal_fft_conv, causal_conv_reference, conv_inputs(1, 40, 2, 40), TOL)
+
+
+def test_causal_fft_conv_rejects_bad_shapes():
+    u = torch.randn(1, 10, 3)
+    with pytest.raises(ValueError, match="Tk <= T"):
+        causal_fft_conv(u, torch.randn(3, 11))
+    with pytest.raises(ValueError, match="C = 3"):
+        causal_fft_conv(u, torch.randn(4, 10))
+    with pytest.raises(ValueError, match="u \\[B, T, C\\]"):
+        causal_fft_conv(u[0], torch.randn(3, 10))
+    with pytest.raises(ValueError, match="T <= 524288"):
+        fftconv.fft_plan(600_000)
+
+
+# --------------------------------------------------------------------------------------------------------- S4D
+
+
+def s4d_params(H=3, N=4, seed=0):
+    """Modes with |Abar| from ~0.6 to ~0.999 so that states carry across the test lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"log_dt": torch.empty(H).uniform_(-4, -1, generator=gen),
+            "A_real_log": torch.log(torch.rand(H, N, generator=gen) * 0.5 + 0.05),
+            "A_imag": torch.randn(H, N, generator=gen) * 3,
+            "B": torch.randn(H, N, 2, generator=gen),
+            "C": torch.randn(H, N, 2, generator=gen) / N**0.5}
+
+
+def test_s4d_kernel_matches_recurrence():
+    compare_with_reference(lambda **p: s4d_kernel(**p, length=75), lambda **p: s4d_kernel_reference(**p, length=75),
+                           s4d_params(), TOL)
+
+
+def test_s4d_ssm_initial_and_final_state():
+    gen = torch.Generator().manual_seed(4)
+    inputs = dict(u=torch.randn(2, 50, 3, generator=gen), **s4d_params(seed=4), D=torch.randn(3, generator=gen),
+                  initial_state=torch.randn(2, 3, 4, 2, generator=gen))
+
+    def run(ssm):
+        return lambda **x: ssm(**x, output_final_state=True)
+
+    compare_with_reference(run(s4d_ssm), run(s4d_ssm_reference), inputs, TOL)
+
+
+def test_s4d_ssm_state_carries_across_segments():
+    """Two segments, the first's final state entering the second, equal the recurrence over the whole sequence."""
+    gen = torch.Generator().manual_seed(5)
+    params = s4d_params(seed=5)
+    inputs = dict(u=torch.randn(1, 60, 3, generator=gen), initial_state=torch.randn(1, 3, 4, 2, generator=gen),
+                  **params)
+
+    def two_segments(u, initial_state, **p):
+        y1, state = s4d_ssm(u[:, :23], **p, initial_state=initial_state, output_final_state=True)
+        y2, final = s4d_ssm(u[:, 23:], **p, initial_state=state, output_final_state=True)
+        return torch.cat([y1, y2], dim=1), final
+
+    def whole(u, initial_state, **p):
+        return s4d_ssm_reference(u, **p, initial_state=initial_state, output_final_state=True)
+
+    compare_with_reference(two_segments, whole, inputs, TOL)
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_s4d_ssm_documents_reset(with_initial_state):
+    """Packed documents (one of them empty) do not see each other; each starts from its own state."""
+    gen = torch.Generator().manual_seed(6)
+    cu_seqlens = torch.tensor([0, 9, 9, 40, 41, 70])
+    inputs = dict(u=torch.randn(1, 70, 3, generator=gen) * 3, **s4d_params(seed=6),
+                  initial_state=torch.randn(5, 3, 4, 2, generator=gen) if with_initial_state else None)
+
+    def run(ssm):
+        return lambda **x: ssm(**x, output_final_state=True, cu_seqlens=cu_seqlens)
+
+    compare_with_reference(run(s4d_ssm), run(s4d_ssm_reference), inputs, TOL)
+
+
+def test_s4d_transition_is_the_state_map():
+    """final(x0) - final(0) = Abar^T x0, and Abar^L for a vector of lengths."""
+    params = s4d_params(seed=7)
+    u = torch.randn(1, 33, 3, dtype=torch.float64)
+    x0 = torch.randn(1, 3, 4, 2, dtype=torch.float64)
+    p64 = {n: t.double() for n, t in params.items()}
+    _, with_x0 = s4d_ssm_reference(u, **p64, initial_state=x0, output_final_state=True)
+    _, without = s4d_ssm_reference(u, **p64, output_final_state=True)
+    transition = torch.view_as_complex(s4d_transition(params["log_dt"], params["A_real_log"], params["A_imag"], 33))
+    mapped = torch.view_as_real(transition.to(torch.complex128) * torch.view_as_complex(x0[0]))
+    torch.testing.assert_close(mapped, (with_x0 - without)[0], rtol=1e-5, atol=1e-6)
+    several = s4d_transition(params["log_dt"], params["A_real_log"], params["A_imag"], torch.tensor([33, 0]))
+    assert several.shape == (2, 3, 4, 2)
+    torch.testing.assert_close(several[0], s4d_transition(params["log_dt"], params["A_real_log"],
+                                                          params["A_imag"], 33))
+    torch.testing.assert_close(several[1], torch.stack([torch.ones(3, 4), torch.zeros(3, 4)], -1))
+
+
+def test_s4d_rejects_bad_shapes():
+    params = s4d_params()
+    with pytest.raises(ValueError, match="B must be"):
+        s4d_ssm(torch.randn(1, 5, 3), **{**params, "B": torch.randn(3, 4)})
+    with pytest.raises(ValueError, match="initial_state must be"):
+        s4d_ssm(torch.randn(2, 5, 3), **params, initial_state=torch.randn(1, 3, 4, 2))
+    with pytest.raises(ValueError, match="batch must be 1"):
+        s4d_ssm(torch.randn(2, 5, 3), **params, cu_seqlens=torch.tensor([0, 5]))
