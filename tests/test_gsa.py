@@ -76,7 +76,7 @@ def test_chunk_gsa(B, T, H, init, final, unit, units):
 @pytest.mark.parametrize("unit", [None, 1])
 def test_chunk_gsa_varlen(unit, units):
     units(unit)
-    docs = [1, 5, 64, 70]
+    docs = [1, 5, 0, 64, 70]  # and an empty document
     compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True),
                            gsa_inputs(1, sum(docs), docs=docs), TOL)
 

@@ -189,7 +189,7 @@ def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_sl
             tl.store(pair_sum + ((i_k * n_slots + slot) * H + i_h) * V + rv, tl.sum(S * P, axis=0), mask=rv < V)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots"])
 def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_sum, chunks, units, scale, n_slots,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GATE_KEY: tl.constexpr,
@@ -443,43 +443,54 @@ def gate_grad(x: torch.Tensor, z: torch.Tensor, plan: Plan, dtype: torch.dtype) 
     return dg
 
 
-def state_scan(x, y, gc, init, plan: Plan, gate_key: bool, reverse: bool, scale: float, pair=None):
-    """Boundary states of S (forward: x = k, y = v; reverse: x = q, y = do, giving state gradients).
+def _scan_args(x, y, gc, plan: Plan, gate_key: bool, reverse: bool):
+    H, K, V = x.shape[2], x.shape[3], y.shape[3]
+    BK, BV = _block(K), _block(V)
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.units.shape[0] * H)
+    return grid, dict(H=H, K=K, V=V, D=K if gate_key else V, BT=BT, BK=BK, BV=BV, BD=BK if gate_key else BV,
+                      GATE_KEY=gate_key, REVERSE=reverse, **_dot_args(x.dtype))
+
+
+def unit_initial_states(x, y, gc, init, plan: Plan, gate_key: bool, reverse: bool, scale: float):
+    """The state entering every unit (in scan order): the sequence's initial state where a sequence is one unit;
+    otherwise a first scan gives each unit's end state from zero and its total log decay, and _compose_kernel folds
+    them along each sequence. float32 [U, H, K, V], or None for zero initial states of unsplit sequences."""
+    if not plan.split:
+        return init
+    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse)
+    H, K, V, D = meta["H"], meta["K"], meta["V"], meta["D"]
+    n_units = plan.units.shape[0]
+    unit_end = new_output((n_units, H, K, V), torch.float32, x.device)
+    log_decay = new_output((n_units, H, D), torch.float32, x.device)
+    _state_scan_kernel[grid](x, y, gc, gc, gc, unit_end, log_decay, gc, gc, plan.chunks, plan.units, scale,
+                             plan.n_slots, HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **meta)
+    unit_init = new_output((n_units, H, K, V), torch.float32, x.device)
+    BLOCK = min(1024, triton.next_power_of_2(K * V))
+    _compose_kernel[(triton.cdiv(K * V, BLOCK), H, plan.n_seqs)](
+        unit_end, log_decay, gc if init is None else init, unit_init, plan.seq_units, H=H, K=K, V=V, D=D,
+        BLOCK=BLOCK, GATE_KEY=gate_key, REVERSE=reverse, HAS_INIT=init is not None)
+    return unit_init
+
+
+def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, scale: float, pair=None):
+    """Boundary states of S (forward: x = k, y = v; reverse: x = q, y = do, giving state gradients), each unit
+    starting from unit_init (see unit_initial_states).
 
     Returns (states [n_slots, H, K, V] in x's dtype, end [N, H, K, V] float32, z [n_slots, H, D] float32 or None):
     end is the final state forward and the initial state's gradient in reverse; z is the gate gradient's chunk-end
     term, computed when ``pair`` (the forward states) is given.
     """
-    H, K, V = x.shape[2], x.shape[3], y.shape[3]
-    BK, BV = _block(K), _block(V)
-    NK, NV = triton.cdiv(K, BK), triton.cdiv(V, BV)
-    D = K if gate_key else V
-    dot = _dot_args(x.dtype)
-    dummy = gc  # placeholder for pointers a variant does not touch
-    common = dict(H=H, K=K, V=V, D=D, BT=BT, BK=BK, BV=BV, BD=BK if gate_key else BV, GATE_KEY=gate_key,
-                  REVERSE=reverse, **dot)
-    n_units = plan.units.shape[0]
-    if plan.split:
-        unit_end = new_output((n_units, H, K, V), torch.float32, x.device)
-        log_decay = new_output((n_units, H, D), torch.float32, x.device)
-        _state_scan_kernel[(NK, NV, n_units * H)](
-            x, y, gc, dummy, dummy, unit_end, log_decay, dummy, dummy, plan.chunks, plan.units, scale, plan.n_slots,
-            HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **common)
-        unit_init = new_output((n_units, H, K, V), torch.float32, x.device)
-        BLOCK = min(1024, triton.next_power_of_2(K * V))
-        _compose_kernel[(triton.cdiv(K * V, BLOCK), H, plan.n_seqs)](
-            unit_end, log_decay, dummy if init is None else init, unit_init, plan.seq_units, H=H, K=K, V=V, D=D,
-            BLOCK=BLOCK, GATE_KEY=gate_key, REVERSE=reverse, HAS_INIT=init is not None)
-        init = unit_init  # one initial state per unit
+    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse)
+    H, K, V, D = meta["H"], meta["K"], meta["V"], meta["D"]
     states = new_output((plan.n_slots, H, K, V), x.dtype, x.device)
     end = new_output((plan.n_seqs, H, K, V), torch.float32, x.device)
     pair_sum = None
     if pair is not None:
-        pair_sum = new_output((NV if gate_key else NK, plan.n_slots, H, D), torch.float32, x.device)
-    _state_scan_kernel[(NK, NV, n_units * H)](
-        x, y, gc, dummy if init is None else init, states, end, dummy, dummy if pair is None else pair,
-        dummy if pair_sum is None else pair_sum, plan.chunks, plan.units, scale, plan.n_slots,
-        HAS_INIT=init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **common)
+        pair_sum = new_output((grid[1] if gate_key else grid[0], plan.n_slots, H, D), torch.float32, x.device)
+    _state_scan_kernel[grid](
+        x, y, gc, gc if unit_init is None else unit_init, states, end, gc, gc if pair is None else pair,
+        gc if pair_sum is None else pair_sum, plan.chunks, plan.units, scale, plan.n_slots,
+        HAS_INIT=unit_init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **meta)
     return states, end, None if pair_sum is None else pair_sum.sum(0)
 
 
@@ -497,16 +508,19 @@ def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_tr
 
 
 def gla_forward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, out_dtype):
-    """o = scale * S_t^T q_t and the final states (float32)."""
-    h, final, _ = state_scan(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
+    """(o = scale * S_t^T q_t, final states float32, the units' initial states for the backward's recompute)."""
+    unit_init = unit_initial_states(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
+    h, final, _ = state_scan(k, v, gc, unit_init, plan, gate_key, reverse=False, scale=1.0)
     o = chunk_output(q, k, v, gc, h, plan, gate_key, False, False, scale, scale, out_dtype)
-    return o, final
+    return o, final, unit_init
 
 
-def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, do, dht, grad_dtypes):
-    """(dq, dk, dv, dh0, z): z [n_slots, H, D] is the chunk-end term of the gate gradient (see gate_grad)."""
-    h, _, _ = state_scan(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
-    dh, dh0, z = state_scan(q, do, gc, dht, plan, gate_key, reverse=True, scale=scale, pair=h)
+def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, unit_init, do, dht, grad_dtypes):
+    """(dq, dk, dv, dh0, z): z [n_slots, H, D] is the chunk-end term of the gate gradient (see gate_grad).
+    unit_init: what gla_forward returned; the forward states are recomputed from it with one scan."""
+    h, _, _ = state_scan(k, v, gc, unit_init, plan, gate_key, reverse=False, scale=1.0)
+    unit_dht = unit_initial_states(q, do, gc, dht, plan, gate_key, reverse=True, scale=scale)
+    dh, dh0, z = state_scan(q, do, gc, unit_dht, plan, gate_key, reverse=True, scale=scale, pair=h)
     dq_dtype, dk_dtype, dv_dtype = grad_dtypes
     dq = chunk_output(do, v, k, gc, h, plan, not gate_key, False, True, scale, scale, dq_dtype)
     dk = chunk_output(v, do, q, gc, dh, plan, not gate_key, True, True, 1.0, scale, dk_dtype)
@@ -528,33 +542,33 @@ class ChunkGLAFunction(torch.autograd.Function):
         V = v.shape[3]
         plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(K, 64) * triton.cdiv(V, 64))
         gc = chunk_cumsum(g, plan)
-        o, final = gla_forward(q, k, v, gc, plan, gate_key, scale, h0, v.dtype)
-        ctx.save_for_backward(q, k, v, g, h0, None if gate_key else o)
-        ctx.plan, ctx.scale, ctx.gate_key = plan, scale, gate_key
+        o, final, unit_init = gla_forward(q, k, v, gc, plan, gate_key, scale, h0, v.dtype)
+        ctx.save_for_backward(q, k, v, g, unit_init, None if gate_key else o)
+        ctx.plan, ctx.scale, ctx.gate_key, ctx.has_h0 = plan, scale, gate_key, h0 is not None
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, h0, o = ctx.saved_tensors
+        q, k, v, g, unit_init, o = ctx.saved_tensors
         plan, gate_key = ctx.plan, ctx.gate_key
         do = torch.zeros_like(v) if do is None else do.contiguous()
         gc = chunk_cumsum(g, plan)
         f32 = torch.float32
         grad_dtypes = (f32, f32, v.dtype) if gate_key else (q.dtype, k.dtype, f32)
-        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, h0, do, float_state(dfinal),
-                                          grad_dtypes)
+        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, unit_init, do,
+                                          float_state(dfinal), grad_dtypes)
         # d/db of the chunk form: q*dq - k*dk with the gate on the keys, o*do - v*dv with it on the values
         x = q * dq - k * dk if gate_key else o.float() * do.float() - v.float() * dv
         dg = gate_grad(x.contiguous(), z, plan, g.dtype)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, dh0 if h0 is not None else None,
-                None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, dh0 if ctx.has_h0 else None, None, None)
 
 
 class ChunkGSAFunction(torch.autograd.Function):
     """GSA = key pass (value-gated GLA of q, k, s; output: scores) -> softmax -> value pass (key-gated GLA of p, s, v).
 
-    Saved for the backward: the inputs and the scores (T x M floats, small next to q); states are recomputed.
+    Saved for the backward: the inputs, the scores (T x M floats, small next to q) and the units' initial states
+    (a few per sequence); the boundary states are recomputed from those with one scan per pass.
     """
 
     @staticmethod
@@ -563,35 +577,35 @@ class ChunkGSAFunction(torch.autograd.Function):
         M, V = s.shape[3], v.shape[3]
         plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(M, 64) * triton.cdiv(max(K, V), 64))
         gc = chunk_cumsum(g, plan)
-        scores, hk = gla_forward(q, k, s, gc, plan, False, scale, hk0, torch.float32)
+        scores, hk, unit_init_k = gla_forward(q, k, s, gc, plan, False, scale, hk0, torch.float32)
         p = torch.softmax(scores, dim=-1).to(q.dtype)
-        o, hv = gla_forward(p, s, v, gc, plan, True, 1.0, hv0, v.dtype)
-        ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0)
-        ctx.plan, ctx.scale = plan, scale
+        o, hv, unit_init_v = gla_forward(p, s, v, gc, plan, True, 1.0, hv0, v.dtype)
+        ctx.save_for_backward(q, k, v, s, g, scores, unit_init_k, unit_init_v)
+        ctx.plan, ctx.scale, ctx.has_h0 = plan, scale, (hk0 is not None, hv0 is not None)
         ctx.set_materialize_grads(False)
         return o, hk, hv
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
-        q, k, v, s, g, scores, hk0, hv0 = ctx.saved_tensors
+        q, k, v, s, g, scores, unit_init_k, unit_init_v = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         f32 = torch.float32
         do = torch.zeros_like(v) if do is None else do.contiguous()
         gc = chunk_cumsum(g, plan)
         p = torch.softmax(scores, dim=-1)
         p_in = p.to(q.dtype)  # the value pass's queries, as the forward fed them
-        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, hv0, do, float_state(dhv),
+        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, unit_init_v, do, float_state(dhv),
                                                (f32, f32, v.dtype))
         dscores = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward
         dscores_in = dscores.to(q.dtype)
-        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, hk0, dscores_in, float_state(dhk),
-                                               (q.dtype, k.dtype, f32))
+        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, unit_init_k, dscores_in,
+                                               float_state(dhk), (q.dtype, k.dtype, f32))
         ds = ds_v + ds_k
         # gate terms of both passes: q*dq - k*dk of the value pass, o*do - v*dv of the key pass
         x = p_in.float() * dp + scores * dscores_in.float() - s.float() * ds
         dg = gate_grad(x.contiguous(), z_v + z_k, plan, g.dtype)
-        return (dq, dk, dv, ds.to(s.dtype), dg, None, dhk0 if hk0 is not None else None,
-                dhv0 if hv0 is not None else None, None)
+        return (dq, dk, dv, ds.to(s.dtype), dg, None, dhk0 if ctx.has_h0[0] else None,
+                dhv0 if ctx.has_h0[1] else None, None)
 
 
 def _check_common(q, k, v, cu_seqlens, scale, names):

@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 from ..common import new_output, use_triton
-from .chunk import ChunkGSAFunction, check_gsa_inputs, float_state, make_plan
+from .chunk import ChunkGSAFunction, check_gsa_inputs, chunk_cumsum, float_state, make_plan, unit_initial_states
 from .chunk_torch import gsa_chunk_torch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def _recurrent_gla_kernel(q, k, v, g, init, out, final, bounds, scale, n_tokens,
                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                           GATE_KEY: tl.constexpr, HAS_INIT: tl.constexpr):
@@ -78,11 +78,15 @@ class FusedRecurrentGSAFunction(ChunkGSAFunction):
         scores, hk = recurrent_gla(q, k, s, g, scale, hk0, bounds, False, torch.float32)
         p = torch.softmax(scores, dim=-1).to(q.dtype)
         o, hv = recurrent_gla(p, s, v, g, 1.0, hv0, bounds, True, v.dtype)
-        ctx.save_for_backward(q, k, v, s, g, scores, hk0, hv0)
-        ctx.scale = scale
+        unit_init_k, unit_init_v = hk0, hv0
         ctx.plan = None
-        if any(ctx.needs_input_grad):
+        if any(ctx.needs_input_grad):  # what the chunkwise backward starts from
             ctx.plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(M, 64) * triton.cdiv(max(K, V), 64))
+            gc = chunk_cumsum(g, ctx.plan)
+            unit_init_k = unit_initial_states(k, s, gc, hk0, ctx.plan, False, reverse=False, scale=1.0)
+            unit_init_v = unit_initial_states(s, v, gc, hv0, ctx.plan, True, reverse=False, scale=1.0)
+        ctx.save_for_backward(q, k, v, s, g, scores, unit_init_k, unit_init_v)
+        ctx.scale, ctx.has_h0 = scale, (hk0 is not None, hv0 is not None)
         ctx.set_materialize_grads(False)
         return o, hk, hv
 
