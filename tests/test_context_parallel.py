@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from lctrain.config import load_config
 from lctrain.data.loader import IGNORE_INDEX, Batch
 from lctrain.kernels.gated_delta import gated_delta_rule_reference
+from lctrain.model import gated_deltanet
 from lctrain.model.gated_deltanet import GatedDeltaRecurrence
 from lctrain.model.layout import layout_from_cu_seqlens
 from lctrain.parallel.sharding import shard_layout
@@ -67,10 +68,13 @@ def test_shard_layout_rejects_indivisible_lengths():
         shard_layout(CU_SEQLENS, ROWS, SEQ_LEN, 0, 5, group=None)
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_entry_passes_and_fold_equal_the_sequential_recurrence(size):
+@pytest.mark.parametrize("size, width_limit", [(2, None), (4, None), (4, 8)])
+def test_entry_passes_and_fold_equal_the_sequential_recurrence(size, width_limit, monkeypatch):
     """Each segment's one pass from zero, its (M, E) and the prefix fold give the states and outputs of the gated
-    delta rule run token by token over whole documents (float64 reference)."""
+    delta rule run token by token over whole documents (float64 reference). A width limit below V + K takes the
+    two-call path of wide heads."""
+    if width_limit is not None:
+        monkeypatch.setattr(gated_deltanet, "MAX_HEAD_DIM", width_limit)
     torch.manual_seed(0)
     H, HV, K, V = 1, 2, 8, 4
     L = ROWS * SEQ_LEN

@@ -18,11 +18,12 @@ from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import GatedDeltaNetConfig
 from lctrain.kernels.gated_delta import chunk_gated_delta_rule
+from lctrain.kernels.gated_delta.checks import MAX_HEAD_DIM
 from lctrain.model.layout import TokenLayout
 from lctrain.model.norm import GatedRMSNorm
 from lctrain.model.short_conv import ShortConv
 from lctrain.model.tp import replicated_parameter, sharded_parameter
-from lctrain.parallel.state_passing import run_recurrence
+from lctrain.parallel.state_passing import EntryPass, run_recurrence
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -30,9 +31,14 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 class GatedDeltaRecurrence:
-    """The gated delta rule over a rank's tokens, for parallel.state_passing. Its boundary map is
-    S -> P S + E with P = prod_t alpha_t (I - beta_t k_t k_t^T): the same kernel computes P by running from the
-    identity with zero values (the delta rule is linear in the state and the values)."""
+    """The gated delta rule over a rank's tokens, for parallel.state_passing.
+
+    The state is linear in (initial state, values) and its columns evolve independently, so one kernel pass with
+    values [v | 0] (width V + K) from initial state [0 | I] (for a carried sequence; [0 | 0] otherwise) yields
+    outputs [o_zero | Q] and final states [E | P]: P = prod_t alpha_t (I - beta_t k_t k_t^T) is the boundary map
+    S -> P S + E, and o_t = o_zero_t + S_in^T Q_t with Q_t = scale P_t^T q_t (P_t the product up to token t).
+    Heads with V + K over the kernel's width limit run the two column blocks as two calls.
+    """
 
     def __init__(self, q, k, v, g, beta):
         self.q, self.k, self.v, self.g, self.beta = q, k, v, g, beta
@@ -41,20 +47,34 @@ class GatedDeltaRecurrence:
         return chunk_gated_delta_rule(self.q, self.k, self.v, self.g, self.beta, initial_state=initial_state,
                                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
-    def transition(self, row_cu_seqlens):
-        num_value_heads, key_dim = self.v.shape[2], self.k.shape[-1]
-        rows = row_cu_seqlens.numel() - 1
-        eye = torch.eye(key_dim, device=self.k.device, dtype=torch.float32).expand(rows, num_value_heads, key_dim, key_dim)
-        zeros = self.v.new_zeros(*self.v.shape[:-1], key_dim)
-        return chunk_gated_delta_rule(self.q, self.k, zeros, self.g, self.beta, initial_state=eye.contiguous(),
-                                      output_final_state=True, cu_seqlens=row_cu_seqlens)[1]
+    def entry_pass(self, layout, carried):
+        key_dim, value_dim, value_heads = self.k.shape[-1], self.v.shape[-1], self.v.shape[2]
+        identity = torch.zeros(carried.numel(), value_heads, key_dim, key_dim, device=self.v.device, dtype=torch.float32)
+        identity[carried] = torch.eye(key_dim, device=self.v.device)
+        zero_values = self.v.new_zeros(*self.v.shape[:-1], key_dim)
+        if value_dim + key_dim <= MAX_HEAD_DIM:
+            values = torch.cat([self.v, zero_values], -1)
+            initial = torch.cat([identity.new_zeros(*identity.shape[:-1], value_dim), identity], -1)
+            o, final = chunk_gated_delta_rule(self.q, self.k, values, self.g, self.beta, initial_state=initial,
+                                              output_final_state=True, cu_seqlens=layout.cu_seqlens)
+            o_zero, q_response = o.split([value_dim, key_dim], -1)
+            final_zero, transition = final.split([value_dim, key_dim], -1)
+        else:
+            o_zero, final_zero = self.run(None, layout.cu_seqlens, True)
+            q_response, transition = chunk_gated_delta_rule(self.q, self.k, zero_values, self.g, self.beta,
+                                                            initial_state=identity, output_final_state=True,
+                                                            cu_seqlens=layout.cu_seqlens)
+        q_response = q_response.view(layout.rows, layout.row_len, value_heads, key_dim)
+
+        def response(entering):  # o_t += S_in^T Q_t, S_in of the token's row
+            delta = torch.einsum("bnhk,bhkv->bnhv", q_response, entering.to(q_response.dtype))
+            return delta.reshape(1, -1, value_heads, value_dim)
+
+        return EntryPass(o_zero, final_zero, transition, response)
 
     @staticmethod
     def apply_transition(transition, state):
         return transition @ state
-
-    def zero_state(self, num, device):
-        return torch.zeros(num, self.v.shape[2], self.k.shape[-1], self.v.shape[-1], device=device, dtype=torch.float32)
 
 
 class GatedDeltaNet(MegatronModule):
