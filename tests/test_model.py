@@ -30,9 +30,13 @@ def packed_layout():
     return layout_from_cu_seqlens(torch.tensor([0, 5, 25, 32, 64]), rows=2, row_len=32)
 
 
-@pytest.mark.parametrize("symbol", sorted(LAYERS))
-def test_every_symbol_builds_trains_and_isolates_documents(parallel_1, symbol):
-    model = tiny_model(symbol + "-")
+SYMBOL_CASES = [(s, []) for s in sorted(LAYERS)] + [
+    ("B", ["model.block_state.variant=single_head"]), ("B", ["model.block_state.variant=multi_head"])]
+
+
+@pytest.mark.parametrize("symbol, extra", SYMBOL_CASES)
+def test_every_symbol_builds_trains_and_isolates_documents(parallel_1, symbol, extra):
+    model = tiny_model(symbol + "-", *extra)
     layout = packed_layout()
     torch.manual_seed(1)
     ids = torch.randint(0, 97, (2, 32))
@@ -48,9 +52,12 @@ def test_every_symbol_builds_trains_and_isolates_documents(parallel_1, symbol):
         changed = ids.clone()
         changed[0, 10] = (changed[0, 10] + 1) % 97
         after = model.logits(changed, layout)
-    assert torch.equal(base[:10], after[:10]), "information leaked backwards or across documents"
-    assert not torch.equal(base[10:25], after[10:25]), "the changed token had no effect inside its document"
-    assert torch.equal(base[25:], after[25:]), "information leaked into a later document"
+    # Exact for every mixer but the FFT convolution (BST's SSM), which is causal only up to float32 rounding
+    # (~1e-7 here); a real leak shows at the scale of the changed token's own effect (~0.5).
+    tolerance = 1e-5 if symbol == "B" else 0.0
+    assert (base[:10] - after[:10]).abs().max() <= tolerance, "information leaked backwards or across documents"
+    assert (base[10:25] - after[10:25]).abs().max() > 1e-2, "the changed token had no effect inside its document"
+    assert (base[25:] - after[25:]).abs().max() <= tolerance, "information leaked into a later document"
 
 
 def test_hybrid_pattern_loss_falls(parallel_1):
