@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import lctrain.kernels.gsa.chunk as gsa_chunk
 from lctrain.kernels.gsa import chunk_gated_linear_attention, chunk_gsa, fused_recurrent_gsa
 from lctrain.kernels.gsa.reference import recurrent_gated_linear_attention, recurrent_gsa
-from tests.kernel_checks import compare_with_reference
+from kernel_checks import compare_with_reference
 
 TOL = 1e-4
 K, V, M = 32, 16, 8

@@ -52,6 +52,10 @@ from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 BT = 64  # chunk length
 BC = 8  # sub-block length of the intra-chunk factorisation
 UNIT_CHUNKS: int | None = None  # chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU)
+# Warps per program. The output kernel holds several [BT, BT] and [BT, 64] float32 tiles: with 4 warps it spills
+# ~1 KB per thread on sm_90, with 8 almost nothing (compiler report, Triton 3.9). The scan fits 4 warps unspilled.
+OUTPUT_WARPS = 8
+SCAN_WARPS = 4
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -173,6 +177,22 @@ def _gate_grad_kernel(x, z, dg, chunks, H: tl.constexpr, D: tl.constexpr, BT: tl
 
 
 @triton.jit
+def _load_rows(ptr, rel, cols, row_ok, D: tl.constexpr):
+    """[rows, cols] tile of a [*, H, D] tensor: ptr points at one (token, head) row, rel are int32 row offsets from it
+    in (token, head) rows (keeping the per-element address arithmetic 32-bit); zero where masked."""
+    return tl.load(ptr + rel[:, None] * D + cols[None, :], mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_gates(gc, rel, cols, row_ok, last_rel, D: tl.constexpr, REVERSE: tl.constexpr):
+    """Cumulative gates in reading order: b forwards, b_C - b backwards (both fall along the rows)."""
+    G = _load_rows(gc, rel, cols, row_ok, D)
+    if REVERSE:
+        G = tl.load(gc + last_rel * D + cols, mask=cols < D, other=0.0)[None, :] - G
+    return G
+
+
+@triton.jit
 def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE_KEY: tl.constexpr,
                     HAS_PAIR: tl.constexpr):
@@ -236,17 +256,16 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
             local = i
             slot = first_slot + local  # the chunk's start
         c = first_chunk + local
-        t0 = tl.load(chunks + c * 3).to(tl.int64)
+        head0 = tl.load(chunks + c * 3).to(tl.int64) * H + i_h  # (first token, head) of the chunk
         n = tl.load(chunks + c * 3 + 1)
         if STORE:
             _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots, H, K, V, GATE_KEY,
                             HAS_PAIR)
         valid = rows < n
-        tok = (t0 + rows) * H + i_h
-        X = tl.load(x + tok[:, None] * K + rk[None, :], mask=valid[:, None] & (rk < K)[None, :], other=0.0)
-        Y = tl.load(y + tok[:, None] * V + rv[None, :], mask=valid[:, None] & (rv < V)[None, :], other=0.0)
-        G = tl.load(gc + tok[:, None] * D + rg[None, :], mask=valid[:, None] & (rg < D)[None, :], other=0.0)
-        last = tl.load(gc + ((t0 + n - 1) * H + i_h) * D + rg, mask=rg < D, other=0.0)
+        X = _load_rows(x + head0 * K, rows * H, rk, valid, K)
+        Y = _load_rows(y + head0 * V, rows * H, rv, valid, V)
+        G = _load_rows(gc + head0 * D, rows * H, rg, valid, D)
+        last = tl.load(gc + head0 * D + (n - 1) * H * D + rg, mask=rg < D, other=0.0)
         if REVERSE:
             weight = tl.exp(G)  # exp(b_i): from the chunk start to token i
         else:
@@ -302,21 +321,6 @@ def _compose_kernel(unit_end, log_decay, init, unit_init, seq_units, H: tl.const
 
 
 @triton.jit
-def _load_rows(ptr, tok, cols, row_ok, D: tl.constexpr):
-    """[rows, cols] tile of a [*, H, D] tensor at flattened (token, head) indices tok; zero where masked."""
-    return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
-
-
-@triton.jit
-def _load_gates(gc, tok, cols, row_ok, last_tok, D: tl.constexpr, REVERSE: tl.constexpr):
-    """Cumulative gates in reading order: b forwards, b_C - b backwards (both fall along the rows)."""
-    G = _load_rows(gc, tok, cols, row_ok, D)
-    if REVERSE:
-        G = tl.load(gc + last_tok * D + cols, mask=cols < D, other=0.0)[None, :] - G
-    return G
-
-
-@triton.jit
 def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
                          H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                          BK: tl.constexpr, BV: tl.constexpr, GATE_KEY: tl.constexpr, REVERSE: tl.constexpr,
@@ -333,18 +337,26 @@ def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
     row of the output sub-block; on them it is summed elementwise, column jj of every sub-block per step.
     """
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0 = tl.load(chunks + i_c * 3).to(tl.int64)
+    head0 = tl.load(chunks + i_c * 3).to(tl.int64) * H + i_h  # (first token, head) of the chunk
     n = tl.load(chunks + i_c * 3 + 1)
     slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64)  # the chunk's start: h forwards
     if REVERSE:
         slot += 1  # the chunk's end: dh backwards
+    x += head0 * KX
+    y += head0 * KX
+    z += head0 * VZ
+    out += head0 * VZ
+    if GATE_KEY:
+        gc += head0 * KX
+    else:
+        gc += head0 * VZ
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
     valid = rows < n
     step = -1 if REVERSE else 1
-    first = t0 + n - 1 if REVERSE else t0  # position of reading row 0
-    tok = (tl.where(valid, first + step * rows, t0)) * H + i_h
-    last_tok = (t0 + n - 1) * H + i_h
+    first = n - 1 if REVERSE else 0  # token offset of reading row 0
+    tok = tl.where(valid, first + step * rows, 0) * H  # row offsets in (token, head) rows
+    last_tok = (n - 1) * H
     block_start = (rows // BC) * BC  # first row of each row's sub-block
     causal = rows[:, None] >= cols[None, :]
     w_base = w + (slot * H + i_h) * KX * VZ
@@ -366,7 +378,7 @@ def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
             for jj in range(BC):
                 j = block_start + jj
                 j_ok = (j <= rows) & (j < n)
-                tok_j = tl.where(j_ok, first + step * j, t0) * H + i_h
+                tok_j = tl.where(j_ok, first + step * j, 0) * H
                 Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
                 Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
                 a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
@@ -414,7 +426,7 @@ def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
             for jj in range(BC):
                 j = block_start + jj
                 j_ok = (j <= rows) & (j < n)
-                tok_j = tl.where(j_ok, first + step * j, t0) * H + i_h
+                tok_j = tl.where(j_ok, first + step * j, 0) * H
                 Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
                 Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
                 a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
@@ -463,7 +475,8 @@ def unit_initial_states(x, y, gc, init, plan: Plan, gate_key: bool, reverse: boo
     unit_end = new_output((n_units, H, K, V), torch.float32, x.device)
     log_decay = new_output((n_units, H, D), torch.float32, x.device)
     _state_scan_kernel[grid](x, y, gc, gc, gc, unit_end, log_decay, gc, gc, plan.chunks, plan.units, scale,
-                             plan.n_slots, HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **meta)
+                             plan.n_slots, HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **meta,
+                             num_warps=SCAN_WARPS)
     unit_init = new_output((n_units, H, K, V), torch.float32, x.device)
     BLOCK = min(1024, triton.next_power_of_2(K * V))
     _compose_kernel[(triton.cdiv(K * V, BLOCK), H, plan.n_seqs)](
@@ -490,7 +503,8 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
     _state_scan_kernel[grid](
         x, y, gc, gc if unit_init is None else unit_init, states, end, gc, gc if pair is None else pair,
         gc if pair_sum is None else pair_sum, plan.chunks, plan.units, scale, plan.n_slots,
-        HAS_INIT=unit_init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **meta)
+        HAS_INIT=unit_init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **meta,
+        num_warps=SCAN_WARPS)
     return states, end, None if pair_sum is None else pair_sum.sum(0)
 
 
@@ -503,7 +517,7 @@ def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_tr
         x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra, H=H, KX=KX, VZ=VZ, BT=BT, BC=BC,
         BK=_block(KX), BV=_block(VZ), GATE_KEY=gate_key, REVERSE=reverse,
         STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1,
-        **_dot_args(w.dtype), num_warps=4)
+        **_dot_args(w.dtype), num_warps=OUTPUT_WARPS)
     return out
 
 
