@@ -115,6 +115,75 @@ def _demo_report(run_dir: pathlib.Path) -> None:
     print(f"TensorBoard:  .venv/bin/tensorboard --logdir {run_dir / 'tensorboard'}   (then open http://localhost:6006)")
 
 
+def cmd_submit(args) -> int:
+    """Ray job: check the config here, submit it, follow its logs (lctrain.ray.jobs)."""
+    from lctrain.ray import jobs
+    from lctrain.ray.entrypoint import scaling_from
+
+    if args.no_wait and args.timeout:
+        raise ConfigError("--timeout bounds following the job; it cannot be combined with --no-wait")
+    env = dict(_key_value("--env", e) for e in args.env)
+    scaling = scaling_from(args)
+    config = _load(args)
+    job_id = None
+    try:
+        client = jobs.connect(args.address, args.token_file)
+        job_id = jobs.submit(client, config, scaling, pathlib.Path(args.storage), env, args.job_id)
+        print(f"submitted Ray job {job_id}", flush=True)
+        if args.no_wait:
+            print(f"follow it with: lctrain jobs logs {job_id} --follow --address {client.get_address()}")
+            return 0
+        state = jobs.follow(client, job_id, args.timeout)
+        message = jobs.status(client, job_id)[1] if state != "SUCCEEDED" else ""
+    except KeyboardInterrupt:
+        if job_id:
+            print(f"\nstopped following; the job keeps running (lctrain jobs stop {job_id})", file=sys.stderr)
+        return 130
+    except jobs.ClusterError as e:
+        print(f"lctrain: error: {e}", file=sys.stderr)
+        return 1
+    if state == "TIMEOUT":
+        print(f"lctrain: error: job {job_id} did not finish within --timeout {args.timeout:g} s; it was stopped", file=sys.stderr)
+        return 124
+    print(f"job {job_id}: {state}" + (f": {' '.join(message.split())[:1000]}" if message else ""),
+          file=sys.stdout if state == "SUCCEEDED" else sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from lctrain.ray import jobs
+
+    try:
+        client = jobs.connect(args.address, args.token_file)
+        if args.action == "status":
+            state, message = jobs.status(client, args.job_id)
+            print(f"{args.job_id}: {state}" + (f": {' '.join(message.split())}" if message else ""))
+        elif args.action == "logs":
+            if args.follow:
+                state = jobs.follow(client, args.job_id, None)
+                print(f"{args.job_id}: {state}")
+            else:
+                sys.stdout.write(jobs.logs(client, args.job_id))
+        else:
+            print(f"{args.job_id}: {jobs.stop(client, args.job_id)}")
+    except jobs.ClusterError as e:
+        print(f"lctrain: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _key_value(flag: str, text: str) -> tuple[str, str]:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}")
+    return tuple(text.split("=", 1))
+
+
+def _cluster_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="the cluster's job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    parser.add_argument("--token-file", help="file holding the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, "
+                        "the file $RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lctrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--run-dir", help="where the demo writes (default: the config's run_dir)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="submit a training run to a Ray cluster as a job (Ray Train workers, same training)")
+    _config_args(p)
+    _cluster_args(p)
+    from lctrain.ray.entrypoint import scaling_args
+
+    scaling_args(p)
+    p.add_argument("--storage", default=".", help="shared folder every node sees; relative paths of the config "
+                   "(run_dir, tokenizer, data) are taken relative to it (default: the current directory)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable of the job (repeatable)")
+    p.add_argument("--job-id", help="the job's submission id (default: chosen by Ray)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following its logs")
+    p.add_argument("--timeout", type=float, help="stop the job if it has not finished after this many seconds (exit 124)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="status, logs or stop of a Ray job submitted with `lctrain submit`")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    _cluster_args(p)
+    p.add_argument("--follow", action="store_true", help="logs: follow them until the job ends")
+    p.set_defaults(func=cmd_jobs)
     return parser
 
 
