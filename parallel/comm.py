@@ -6,8 +6,30 @@ Every rank must call these in the same order, forward and backward: callers buil
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+
 import torch
 import torch.distributed as dist
+
+_traffic: collections.Counter | None = None
+
+
+@contextlib.contextmanager
+def count_traffic():
+    """While active, tallies the bytes the collectives below bring into this rank, by kind ("all_gather",
+    "from_previous"), forward and backward (ring-algorithm volumes for the all-gather and its reduction)."""
+    global _traffic
+    previous, _traffic = _traffic, collections.Counter()
+    try:
+        yield _traffic
+    finally:
+        _traffic = previous
+
+
+def _count(kind: str, nbytes: int) -> None:
+    if _traffic is not None:
+        _traffic[kind] += nbytes
 
 
 class _AllGather(torch.autograd.Function):
@@ -21,17 +43,21 @@ class _AllGather(torch.autograd.Function):
         x = x.contiguous()
         out = x.new_empty(size * x.shape[0], *x.shape[1:])  # gloo wants the ranks' blocks along dim 0
         dist.all_gather_into_tensor(out, x, group=group)
+        _count("all_gather", (size - 1) * x.numel() * x.element_size())
         return out.view(size, *x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         group = ctx.group
         grad = grad.contiguous()
+        slot_bytes = grad[0].numel() * grad.element_size()
         if dist.get_backend(group) == "nccl":
             mine = grad.new_empty(grad.shape[1:])
             dist.reduce_scatter_tensor(mine, grad.view(-1, *grad.shape[2:]), group=group)
+            _count("all_gather", (grad.shape[0] - 1) * slot_bytes)
             return mine, None
         dist.all_reduce(grad, group=group)
+        _count("all_gather", 2 * (grad.shape[0] - 1) * slot_bytes)
         return grad[dist.get_rank(group)].clone(), None
 
 
@@ -60,6 +86,8 @@ def _pass_along(x: torch.Tensor, group, step: int) -> torch.Tensor:
         ops.append(dist.P2POp(dist.irecv, out, dist.get_global_rank(group, rank - step), group))
     for request in dist.batch_isend_irecv(ops):
         request.wait()
+    if 0 <= rank - step < size:
+        _count("from_previous", out.numel() * out.element_size())
     return out
 
 

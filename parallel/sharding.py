@@ -16,7 +16,8 @@ from lctrain.parallel.context import ContextGroup
 
 def shard_layout(cu_seqlens: torch.Tensor, rows: int, row_len: int, rank: int, size: int, group) -> TokenLayout:
     """The layout of rank ``rank``'s slice of a [rows, row_len] micro-batch with document offsets ``cu_seqlens``
-    (over the flattened tokens), its ``context`` the rank's ContextGroup in ``group`` (None only to inspect it)."""
+    (over the flattened tokens), its ``context`` the rank's ContextGroup in ``group`` (None only to inspect it; a
+    group of one rank has no context: its layout is the single-device one)."""
     if row_len % size:
         raise ValueError(f"the sequence length {row_len} must be divisible by the context-parallel size {size}")
     whole = layout_from_cu_seqlens(cu_seqlens, rows, row_len)
@@ -28,7 +29,9 @@ def shard_layout(cu_seqlens: torch.Tensor, rows: int, row_len: int, rank: int, s
     starts[:, 0] = True  # a row's slice starts a local sequence, continued or not
     offsets = torch.nonzero(starts.reshape(-1)).view(-1)
     cu = torch.cat([offsets, offsets.new_tensor([rows * n])])
-    context = ContextGroup(group, rank, size, doc_ids[:, : rank * n].contiguous(), positions[:, : rank * n].contiguous())
+    context = None
+    if size > 1:
+        context = ContextGroup(group, rank, size, doc_ids[:, : rank * n].contiguous(), positions[:, : rank * n].contiguous())
     return TokenLayout(cu_seqlens=cu, positions=local_pos.reshape(-1), doc_ids=local_doc.reshape(-1), rows=rows,
                        row_len=n, continues=local_pos[:, 0] > 0, context=context)
 

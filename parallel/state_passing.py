@@ -14,7 +14,7 @@ outputs. Autograd carries the gradients back through the correction, the fold an
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -47,10 +47,24 @@ class Recurrence(Protocol):
         """M(S) for per-row M and S (float32)."""
 
 
-def run_recurrence(rec: Recurrence, layout) -> torch.Tensor:
+class ChainedRecurrence(Protocol):
+    """Recurrences joined by a nonlinearity (GSA: key pass, softmax over slots, value pass). The states still depend
+    only on the inputs, so each stage is affine in its entering state: under context parallelism every stage is
+    scanned in turn (one all-gather each); without it ``run`` may fuse them into one kernel."""
+
+    def run(self, initial_state, cu_seqlens: torch.Tensor, output_final_state: bool) -> tuple[torch.Tensor, Any]:
+        """The fused kernel over the rank's sequences."""
+
+    def stages(self, scan: Callable[[Recurrence], torch.Tensor]) -> torch.Tensor:
+        """The outputs, computing each stage's outputs as ``scan(stage)``."""
+
+
+def run_recurrence(rec: Recurrence | ChainedRecurrence, layout) -> torch.Tensor:
     """Outputs of the recurrence over the rank's tokens, its documents resetting the state."""
     if layout.context is None:
         return rec.run(None, layout.cu_seqlens, False)[0]
+    if hasattr(rec, "stages"):
+        return rec.stages(lambda stage: layout.context.scan(stage, layout))
     return layout.context.scan(rec, layout)
 
 

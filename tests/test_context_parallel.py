@@ -7,6 +7,7 @@ rank starts fresh), and ranks whose slice is a single document's end.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 
@@ -29,8 +30,10 @@ ROWS, SEQ_LEN = 3, 48
 CU_SEQLENS = torch.tensor([0, 5, 40, 41, 48, 72, 74, 96, 144])
 TINY = ["model.hidden_size=32", "model.vocab_size=97", "model.attention.num_heads=2", "model.attention.num_kv_heads=1",
         "model.attention.window=8", "model.gated_deltanet.num_heads=2", "model.gated_deltanet.num_value_heads=4",
-        "model.gated_deltanet.head_k_dim=16", "model.gated_deltanet.head_v_dim=8", "model.chunk_size=4",
-        f"data.seq_len={SEQ_LEN}"]
+        "model.gated_deltanet.head_k_dim=16", "model.gated_deltanet.head_v_dim=8",
+        "model.gated_slot_attention.num_heads=2", "model.gated_slot_attention.num_slots=8", "model.mamba2.head_dim=16",
+        "model.mamba2.state_size=8", "model.block_state.block_size=4", "model.block_state.num_heads=2",
+        "model.block_state.num_context_states=2", "model.block_state.ssm_state_size=4", "model.chunk_size=4"]
 TOL = 1e-5
 
 
@@ -134,22 +137,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batch() -> Batch:
-    """The test batch: random tokens, labels the next token with IGNORE_INDEX at each document's last token."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A multi-process equality check: batch geometry, config, device, precision and how errors are measured."""
+
+    rows: int = ROWS
+    seq_len: int = SEQ_LEN
+    cu_seqlens: tuple[int, ...] = tuple(CU_SEQLENS.tolist())
+    overrides: tuple[str, ...] = ()  # applied after TINY
+    device: str = "cpu"
+    dtype: str = "float32"
+    tol: float = TOL
+    metric: str = "max"  # "max": max |a - b| / max |b|;  "norm": ||a - b|| / ||b||
+    triton_interpreter: bool = False
+
+    def config(self, *more: str):
+        return load_config(None, TINY + [f"data.seq_len={self.seq_len}", *self.overrides, *more])
+
+    def error(self, actual: torch.Tensor, expected: torch.Tensor) -> float:
+        actual, expected = actual.double(), expected.double()
+        if self.metric == "max":
+            return ((actual - expected).abs().max() / expected.abs().max()).item()
+        return ((actual - expected).norm() / expected.norm()).item()
+
+
+def _batch(setting: Setting) -> Batch:
+    """Random tokens; labels random with IGNORE_INDEX at each document's last token."""
     generator = torch.Generator().manual_seed(3)
-    ids = torch.randint(0, 97, (ROWS, SEQ_LEN), generator=generator)
-    labels = torch.randint(0, 97, (ROWS, SEQ_LEN), generator=generator)
-    ends = CU_SEQLENS[1:] - 1
-    labels.view(-1)[ends] = IGNORE_INDEX
-    return Batch(ids, labels, CU_SEQLENS.clone())
+    ids = torch.randint(0, 97, (setting.rows, setting.seq_len), generator=generator)
+    labels = torch.randint(0, 97, (setting.rows, setting.seq_len), generator=generator)
+    cu = torch.tensor(setting.cu_seqlens)
+    labels.view(-1)[cu[1:] - 1] = IGNORE_INDEX
+    return Batch(ids, labels, cu)
 
 
-def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, errors: list[str]) -> None:
-    """Max error relative to the largest expected element (the layers' outputs are small at initialisation)."""
-    scale = expected.abs().max().item()
-    err = (actual - expected).abs().max().item() / scale
-    if not (scale > 0 and err <= TOL):
-        errors.append(f"{name}: max error {err:.2e} of the largest element {scale:.2e}")
+def _close(setting: Setting, name: str, actual: torch.Tensor, expected: torch.Tensor, errors: list[str]) -> None:
+    err = setting.error(actual, expected)
+    if not err <= setting.tol:  # NaN fails too
+        errors.append(f"{name}: error {err:.2e} ({setting.metric})")
 
 
 def _sum_over(group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,67 +183,71 @@ def _sum_over(group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return tensors
 
 
-def _check_layer(name, module, group, rank, size, errors):
+def _check_layer(setting: Setting, name, module, group, rank, size, errors):
     """Outputs, input gradients and parameter gradients of the mixer ``module`` (x [1, L, D], layout) -> [1, L, D]
     on this rank's slice against the single-process run of the whole batch."""
     from lctrain.model.layout import layout_from_cu_seqlens
 
+    device, dtype = torch.device(setting.device), getattr(torch, setting.dtype)
+    module.to(device, dtype)
+    rows, seq_len, cu = setting.rows, setting.seq_len, torch.tensor(setting.cu_seqlens, device=device)
     generator = torch.Generator().manual_seed(5)
-    width = module.weight.shape[0] if name == "conv" else 32
-    x = torch.randn(ROWS, SEQ_LEN, width, generator=generator)
-    cotangent = torch.randn(ROWS, SEQ_LEN, width, generator=generator)
-    n = SEQ_LEN // size
+    width = module.weight.shape[0] if name == "conv" else module.config.hidden_size
+    x = torch.randn(rows, seq_len, width, generator=generator).to(device, dtype)
+    cotangent = torch.randn(rows, seq_len, width, generator=generator).to(device, dtype)
+    n = seq_len // size
     cols = slice(rank * n, (rank + 1) * n)
 
     x_full = x.clone().requires_grad_()
-    out_full = module(x_full.view(1, -1, width), layout_from_cu_seqlens(CU_SEQLENS, ROWS, SEQ_LEN)).view(ROWS, SEQ_LEN, -1)
+    out_full = module(x_full.view(1, -1, width), layout_from_cu_seqlens(cu, rows, seq_len)).view(rows, seq_len, -1)
     (out_full * cotangent).sum().backward()
     grads_full = {p: w.grad.clone() for p, w in module.named_parameters()}
     module.zero_grad()
 
     x_local = x[:, cols].clone().requires_grad_()
-    layout = shard_layout(CU_SEQLENS, ROWS, SEQ_LEN, rank, size, group)
-    out = module(x_local.reshape(1, -1, width), layout).view(ROWS, n, -1)
+    layout = shard_layout(cu, rows, seq_len, rank, size, group)
+    out = module(x_local.reshape(1, -1, width), layout).view(rows, n, -1)
     (out * cotangent[:, cols]).sum().backward()
     grads = _sum_over(group, {p: w.grad.clone() for p, w in module.named_parameters()})
     module.zero_grad()
 
-    _close(f"{name} output", out.detach(), out_full[:, cols].detach(), errors)
-    _close(f"{name} input gradient", x_local.grad, x_full.grad[:, cols], errors)
+    _close(setting, f"{name} output", out.detach(), out_full[:, cols].detach(), errors)
+    _close(setting, f"{name} input gradient", x_local.grad, x_full.grad[:, cols], errors)
     for p in grads_full:
-        _close(f"{name} gradient of {p}", grads[p], grads_full[p], errors)
+        _close(setting, f"{name} gradient of {p}", grads[p], grads_full[p], errors)
 
 
-def _check_model(pattern, group, errors):
+def _check_model(setting: Setting, pattern, group, errors):
     from lctrain.model.hybrid import HybridModel, transformer_config
     from lctrain.model.layout import layout_from_cu_seqlens
     from lctrain.parallel.sharding import shard_for_context
 
-    config = load_config(None, TINY + [f"model.pattern={pattern}"])
+    device = torch.device(setting.device)
+    config = setting.config(f"model.pattern={pattern}")
     torch.manual_seed(0)
-    model = HybridModel(config.model, transformer_config(config.model))
-    batch = _batch()
-    loss_full, count_full = model(batch.input_ids, layout_from_cu_seqlens(batch.cu_seqlens, ROWS, SEQ_LEN),
-                                  batch.labels, loss_chunk_tokens=40)
+    model = HybridModel(config.model, transformer_config(config.model)).to(device, getattr(torch, setting.dtype))
+    batch = _batch(setting)
+    layout_full = layout_from_cu_seqlens(batch.cu_seqlens, setting.rows, setting.seq_len).to(device)
+    loss_full, count_full = model(batch.input_ids.to(device), layout_full, batch.labels.to(device), loss_chunk_tokens=40)
     loss_full.backward()
     grads_full = {p: w.grad.clone() for p, w in model.named_parameters()}
     model.zero_grad()
 
-    ids, labels, layout = shard_for_context(batch, torch.device("cpu"))
+    ids, labels, layout = shard_for_context(batch, device)
     loss, count = model(ids, layout, labels, loss_chunk_tokens=40)
     loss.backward()
     grads = _sum_over(group, {p: w.grad.clone() for p, w in model.named_parameters()})
     totals = _sum_over(group, {"loss": loss.detach().clone(), "count": count.clone()})
     if int(totals["count"]) != int(count_full):
         errors.append(f"model {pattern}: {int(totals['count'])} labelled tokens over the ranks, {int(count_full)} in one")
-    _close(f"model {pattern} loss", totals["loss"] / count_full, loss_full.detach() / count_full, errors)
+    _close(setting, f"model {pattern} loss", totals["loss"] / count_full, loss_full.detach() / count_full, errors)
     for p in grads_full:
-        _close(f"model {pattern} gradient of {p}", grads[p], grads_full[p], errors)
+        _close(setting, f"model {pattern} gradient of {p}", grads[p], grads_full[p], errors)
 
 
-def _worker(rank: int, size: int, port: int, cases: list[str], triton_interpreter: bool) -> None:
+def _worker(rank: int, size: int, port: int, cases: list[tuple[str, list[str]]], setting: Setting) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
-                      LOCAL_RANK="0", TRITON_INTERPRET="1" if triton_interpreter else "0")
+                      LOCAL_RANK=str(rank), TRITON_INTERPRET="1" if setting.triton_interpreter else "0")
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
@@ -228,30 +257,42 @@ def _worker(rank: int, size: int, port: int, cases: list[str], triton_interprete
 
     init_parallel(1, size)
     group = parallel_state.get_context_parallel_group()
-    config = load_config(None, TINY + ["model.pattern=G"])
-    tconfig = transformer_config(config.model)
     errors: list[str] = []
     try:
-        for case in cases:
+        for case, overrides in cases:
             torch.manual_seed(0)
             if case == "conv":
-                _check_layer(case, ShortConv(24, 4), group, rank, size, errors)
+                _check_layer(setting, case, ShortConv(24, 4), group, rank, size, errors)
             elif case.startswith("model:"):
-                _check_model(case.split(":", 1)[1], group, errors)
+                _check_model(setting, case.split(":", 1)[1], group, errors)
             else:
-                _check_layer(case, Sublayer(tconfig, config.model, case).mixer, group, rank, size, errors)
+                config = setting.config("model.pattern=" + case, *overrides)
+                mixer = Sublayer(transformer_config(config.model), config.model, case).mixer
+                _check_layer(setting, " ".join([case, *overrides]), mixer, group, rank, size, errors)
     finally:
         shutdown_parallel()
     assert not errors, f"rank {rank} of {size}: " + "; ".join(errors)
 
 
+def run_equality(size: int, cases, setting: Setting) -> None:
+    """Spawn ``size`` processes that check ``cases`` (mixer symbols with config overrides, "conv", "model:PATTERN")."""
+    mp.spawn(_worker, args=(size, _free_port(), cases, setting), nprocs=size)
+
+
+LAYER_CASES = [("conv", []), ("G", []), ("W", []), ("*", []), ("-", []), ("S", []), ("M", []), ("B", []),
+               ("B", ["model.block_state.variant=single_head"]), ("B", ["model.block_state.variant=multi_head"]),
+               ("model:GWS*MB-", [])]
+TRITON_CASES = [("G", []), ("model:G-W-*-", [])]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("size, triton_interpreter", [(2, True), (4, False)])
+@pytest.mark.parametrize("size, triton_interpreter", [(2, False), (4, False), (2, True)])
 def test_layers_and_model_equal_single_process(size, triton_interpreter):
-    """2 processes run the Triton gated delta kernels (interpreted: their state gradients are what CP relies on);
-    4 processes the torch chunkwise path (the interpreter would take minutes on 4 processes sharing 2 cores)."""
-    cases = ["conv", "G", "W", "*", "-", "model:G-W-*-"]
-    mp.spawn(_worker, args=(size, _free_port(), cases, triton_interpreter), nprocs=size)
+    """Every mixer and a model with all of them, on the kernels' torch paths (CPU tensors without the Triton
+    interpreter); and the gated delta rule's Triton kernels (interpreted: their initial- and final-state gradients
+    are what the scan relies on) in the G layer and a G-W-*- model."""
+    cases = TRITON_CASES if triton_interpreter else LAYER_CASES
+    run_equality(size, cases, Setting(triton_interpreter=triton_interpreter))
 
 
 # ------------------------------------------------------------------------------------------------------ training

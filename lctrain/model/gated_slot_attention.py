@@ -16,15 +16,55 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import GatedSlotAttentionConfig
-from lctrain.kernels.gsa import chunk_gsa
+from lctrain.kernels.gsa import chunk_gated_linear_attention, chunk_gsa
 from lctrain.model.layout import TokenLayout
 from lctrain.model.tp import sharded_parameter
-from lctrain.parallel.state_passing import run_recurrence
+from lctrain.parallel.state_passing import EntryPass, run_recurrence
+
+
+class GatedLinearRecurrence:
+    """Gated linear attention over a rank's tokens (GSA's two passes, Mamba2's SSD), for parallel.state_passing.
+
+    The decay is diagonal, so from an entering state S_in a carried sequence's state is S_t = D_t S_in + E_t with
+    D_t = diag(exp G_t), G_t the gates' sum from the sequence's start (on the value side: S_in D_t). Hence
+    M = D_end, and the outputs gain scale (q_t * exp G_t)^T S_in (value side: exp G_t * scale q_t^T S_in): one
+    cumulative sum and one small matmul besides the kernel's pass from zero.
+    """
+
+    def __init__(self, q, k, v, g, scale: float, gate_on: str):
+        self.q, self.k, self.v, self.g, self.scale, self.gate_on = q, k, v, g, scale, gate_on
+
+    def run(self, initial_state, cu_seqlens, output_final_state):
+        return chunk_gated_linear_attention(self.q, self.k, self.v, self.g, scale=self.scale,
+                                            initial_state=initial_state, output_final_state=output_final_state,
+                                            cu_seqlens=cu_seqlens, gate_on=self.gate_on)
+
+    def entry_pass(self, layout, carried):
+        o, final = self.run(None, layout.cu_seqlens, True)
+        rows, n, heads = layout.rows, layout.row_len, self.q.shape[2]
+        tokens = torch.arange(rows * n, device=carried.device)
+        in_carried = carried[torch.searchsorted(layout.cu_seqlens, tokens, right=True) - 1].view(rows, n, 1, 1)
+        # A carried sequence starts its row: the row's cumulative gates are the sequence's.
+        decay = torch.where(in_carried, self.g.float().view(rows, n, heads, -1).cumsum(1).exp(), 0.0)
+        transition = decay.view(rows * n, heads, -1)[layout.cu_seqlens[1:] - 1]  # at each sequence's last token
+        q = self.scale * self.q.float().view(rows, n, heads, -1)
+
+        def response(entering):
+            if self.gate_on == "key":
+                delta = torch.einsum("bnhk,bhkv->bnhv", q * decay, entering)
+            else:
+                delta = decay * torch.einsum("bnhk,bhkv->bnhv", q, entering)
+            return delta.reshape(o.shape).to(o.dtype)
+
+        return EntryPass(o, final, transition, response)
+
+    def apply_transition(self, transition, state):
+        return state * (transition[..., :, None] if self.gate_on == "key" else transition[..., None, :])
 
 
 class GatedSlotRecurrence:
-    """GSA's two gated passes over a rank's tokens, for parallel.state_passing. Both slot memories decay diagonally,
-    so a segment's boundary map is Hk -> Hk diag(d), Hv -> diag(d) Hv with d = prod_t exp(f_t)."""
+    """GSA over a rank's tokens: one fused kernel without context parallelism; with it, the key pass (value-side
+    gates, output: slot scores), the softmax, and the value pass (key-side gates) as two scanned stages."""
 
     def __init__(self, q, k, v, s, g):
         self.q, self.k, self.v, self.s, self.g = q, k, v, s, g
@@ -33,19 +73,10 @@ class GatedSlotRecurrence:
         return chunk_gsa(self.q, self.k, self.v, self.s, self.g, scale=1.0, initial_state=initial_state,
                          output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
-    def transition(self, row_cu_seqlens):
-        rows = row_cu_seqlens.numel() - 1
-        decay = self.g.float().view(rows, -1, *self.g.shape[2:]).sum(1).exp()  # [rows, H, M]
-        return decay
-
-    @staticmethod
-    def apply_transition(decay, state):
-        hk, hv = state
-        return hk * decay[:, :, None, :], hv * decay[:, :, :, None]
-
-    def zero_state(self, num, device):
-        h, kd, m, vd = self.k.shape[2], self.k.shape[3], self.s.shape[3], self.v.shape[3]
-        return (torch.zeros(num, h, kd, m, device=device), torch.zeros(num, h, m, vd, device=device))
+    def stages(self, scan):
+        scores = scan(GatedLinearRecurrence(self.q, self.k, self.s, self.g, 1.0, "value"))
+        p = torch.softmax(scores.float(), dim=-1).to(self.q.dtype)
+        return scan(GatedLinearRecurrence(p, self.s, self.v, self.g, 1.0, "key"))
 
 
 class GatedSlotAttention(MegatronModule):

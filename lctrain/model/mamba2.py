@@ -21,33 +21,11 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import Mamba2Config
-from lctrain.kernels.gsa import chunk_gated_linear_attention
+from lctrain.model.gated_slot_attention import GatedLinearRecurrence
 from lctrain.model.layout import TokenLayout
 from lctrain.model.short_conv import ShortConv
 from lctrain.model.tp import sharded_parameter
 from lctrain.parallel.state_passing import run_recurrence
-
-
-class ScalarDecayRecurrence:
-    """SSD over a rank's tokens, for parallel.state_passing: the boundary map is S -> (prod_t exp(g_t)) S + E."""
-
-    def __init__(self, q, k, v, g):
-        self.q, self.k, self.v, self.g = q, k, v, g
-
-    def run(self, initial_state, cu_seqlens, output_final_state):
-        return chunk_gated_linear_attention(self.q, self.k, self.v, self.g, scale=1.0, initial_state=initial_state,
-                                            output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-
-    def transition(self, row_cu_seqlens):
-        rows = row_cu_seqlens.numel() - 1
-        return self.g.float().view(rows, -1, *self.g.shape[2:]).sum(1).exp()  # [rows, H, N]
-
-    @staticmethod
-    def apply_transition(decay, state):
-        return state * decay[..., None]
-
-    def zero_state(self, num, device):
-        return torch.zeros(num, self.k.shape[2], self.k.shape[3], self.v.shape[3], device=device)
 
 
 class Mamba2(MegatronModule):
@@ -97,7 +75,7 @@ class Mamba2(MegatronModule):
         c = self.c_conv(c, layout).view(1, length, self.groups, self.state_size).repeat_interleave(per_group, dim=2)
         dt = F.softplus(self.dt_proj(x)[0].float() + self.dt_bias.float())  # [1, L, H]
         g = (dt * -self.A_log.float().exp())[..., None].expand(-1, -1, -1, self.state_size)
-        y = run_recurrence(ScalarDecayRecurrence(c, (b * dt[..., None]).to(x.dtype), xs, g.contiguous()), layout)
+        y = run_recurrence(GatedLinearRecurrence(c, (b * dt[..., None]).to(x.dtype), xs, g.contiguous(), 1.0, "key"), layout)
         y = y.float() + self.D.float()[:, None] * xs.float()
         # RMSNorm of y * silu(z) over each group's channels (norm after the gate, as Mamba2).
         y = (y.reshape(1, length, -1) * F.silu(z.float())).view(1, length, self.groups, -1)
