@@ -100,6 +100,27 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_convert_hf(args) -> int:
+    from lctrain.hf.consolidate import ConversionError
+    from lctrain.hf.export import convert
+    from lctrain.hf.weights import parse_size
+
+    try:
+        max_shard = parse_size(args.max_shard_size)
+    except ValueError as error:
+        raise ConversionError(str(error)) from None
+    convert(args.checkpoint, args.out, dtype=args.dtype, overwrite=args.overwrite, verify=args.verify,
+            max_shard_bytes=max_shard)
+    return 0
+
+
+def cmd_import_hf(args) -> int:
+    from lctrain.hf.importer import import_model
+
+    import_model(args.model, _load(args), args.out, overwrite=args.overwrite)
+    return 0
+
+
 def _demo_report(run_dir: pathlib.Path) -> None:
     import json
 
@@ -208,6 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--run-dir", help="where the demo writes (default: the config's run_dir)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert-hf", help="export a checkpoint as a Hugging Face model folder (checked against lctrain)")
+    p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or checkpoints/step_N")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write (must be empty or absent)")
+    p.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16 for the written weights")
+    p.add_argument("--max-shard-size", default="5GB", help="larger weights are split into shards with an index")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="compare the exported model's logits with lctrain's (default on; fails above 1e-4)")
+    p.set_defaults(func=cmd_convert_hf)
+
+    p = sub.add_parser("import-hf", help="a Hugging Face folder as a run directory that trains from its weights")
+    _config_args(p)
+    p.add_argument("--model", required=True, help="an exported (or native Qwen3-Next / Mamba2) Hugging Face folder")
+    p.add_argument("--out", required=True, help="the run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty run directory")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("submit", help="submit a training run to a Ray cluster as a job (Ray Train workers, same training)")
     _config_args(p)

@@ -167,6 +167,7 @@ class CheckpointConfig:
     interval: int = 50  # steps between checkpoints; 0 disables periodic checkpoints (the final one is still written)
     keep_last: int = 2
     resume: str = "none"  # "none", "auto" (the latest in the run directory) or a checkpoint directory
+    init_from: str = ""  # a folder of single-device weights (`lctrain import-hf`) loaded before the first step
 
 
 @dataclass
@@ -403,3 +404,5 @@ def check_config(c: RunConfig, world_size: int | None = None) -> None:
                  f"world size {world_size} must be divisible by parallel.tensor_parallel_size x context_parallel_size = {tp * cp}")
     _require(c.checkpoint.resume in ("none", "auto") or pathlib.Path(c.checkpoint.resume).is_dir(),
              f"checkpoint.resume={c.checkpoint.resume!r}: use 'none', 'auto' or an existing checkpoint directory")
+    _require(not c.checkpoint.init_from or pathlib.Path(c.checkpoint.init_from).is_dir(),
+             f"checkpoint.init_from={c.checkpoint.init_from!r}: use '' or a folder of weights written by `lctrain import-hf`")

@@ -150,6 +150,10 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> dict:
     torch.manual_seed(config.train.seed)
     model = HybridModel(config.model, transformer_config(config.model, par.tensor_parallel_size, par.context_parallel_size))
     model.activation_checkpointing = config.train.activation_checkpointing == "block"
+    if config.checkpoint.init_from:  # weights from `lctrain import-hf`; a checkpoint resumed below replaces them
+        from lctrain.hf.weights import load_full_state
+
+        load_full_state(model, config.checkpoint.init_from)
     model.to(device)
     optimizer = build_optimizer(model, config, device)
     t = config.train

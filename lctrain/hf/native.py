@@ -1,0 +1,255 @@
+"""Native Hugging Face architectures an lctrain model maps onto exactly, tensor by tensor, both ways.
+
+Qwen3-Next (``Qwen3NextForCausalLM``): decoder layers of (token mixer, dense MLP), mixers Gated DeltaNet
+("linear_attention") or gated full attention ("full_attention"). lctrain pattern: mixer and ``-`` alternating, mixers
+``G`` or ``*``; ``*`` with qk_norm and output_gate, rope_fraction giving an even number of rotated channels (Qwen3-
+Next's partial_rotary_factor). Qwen3-Next's RMSNorms (layer norms, final norm, q/k norms) scale by (1 + w): the
+weights are stored minus one; its gated output norm of Gated DeltaNet scales by w as lctrain's does. Its GDN
+projections are grouped by key head: in_proj_qkvz = per key head [q_h, k_h, v of its value heads, z of its value
+heads], in_proj_ba = per key head [b of its value heads, a of its value heads]; one conv1d over [q; k; v] channels;
+attention's q_proj holds per head [q_h; gate_h] (as lctrain's), k and v projections separate.
+
+Mamba2 (``Mamba2ForCausalLM``): every layer a Mamba2 mixer (pattern of ``M`` only). in_proj = [z; x; B; C; dt],
+one conv1d over [x; B; C] without bias, the gated RMSNorm per group after the gate (as lctrain's).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from lctrain.config import ModelConfig
+from lctrain.hf.consolidate import ConversionError
+from lctrain.model.hybrid import ffn_hidden_size
+
+
+def _rotated_channels(model: ModelConfig) -> tuple[int, int]:
+    a = model.attention
+    head_dim = a.head_dim or model.hidden_size // a.num_heads
+    return head_dim, int(head_dim * a.rope_fraction)
+
+
+def qwen3_next_misfit(model: ModelConfig) -> str | None:
+    """Why the model is not a Qwen3-Next model (None: it is)."""
+    p = model.pattern
+    if len(p) % 2 or set(p[0::2]) - {"G", "*"} or set(p[1::2]) != {"-"}:
+        return "its pattern does not alternate a G or * mixer with -"
+    if "*" in p:
+        a = model.attention
+        head_dim, rotated = _rotated_channels(model)
+        if not (a.qk_norm and a.output_gate):
+            return "its full attention lacks Qwen3-Next's qk_norm and output_gate"
+        if rotated % 2:
+            return f"rope_fraction x head_dim = {head_dim * a.rope_fraction} rotated channels is not even"
+    return None
+
+
+def mamba2_misfit(model: ModelConfig) -> str | None:
+    return None if set(model.pattern) == {"M"} else "its pattern is not Mamba2 layers only"
+
+
+def _split(t: torch.Tensor, *sizes: int) -> list[torch.Tensor]:
+    return list(t.split(list(sizes), dim=0))
+
+
+class Qwen3Next:
+    name = "Qwen3NextForCausalLM"
+    model_type = "qwen3_next"
+    remote = False
+
+    @staticmethod
+    def hf_config(model: ModelConfig, common: dict) -> dict:
+        g, a = model.gated_deltanet, model.attention
+        head_dim, rotated = _rotated_channels(model)
+        mixers = model.pattern[0::2]
+        return dict(
+            architectures=[Qwen3Next.name], model_type=Qwen3Next.model_type, vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size, intermediate_size=ffn_hidden_size(model), num_hidden_layers=len(mixers),
+            num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads or a.num_heads, head_dim=head_dim,
+            hidden_act="silu", rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
+            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta,
+                             "partial_rotary_factor": rotated / head_dim},
+            attention_bias=False, linear_conv_kernel_dim=g.conv_size, linear_key_head_dim=g.head_k_dim,
+            linear_value_head_dim=g.head_v_dim, linear_num_key_heads=g.num_heads,
+            linear_num_value_heads=g.num_value_heads or g.num_heads,
+            layer_types=["linear_attention" if s == "G" else "full_attention" for s in mixers],
+            mlp_only_layers=list(range(len(mixers))), **common)
+
+    @staticmethod
+    def model_config(hf: dict) -> ModelConfig:
+        layers = hf["num_hidden_layers"]
+        if set(range(layers)) - set(hf.get("mlp_only_layers") or []) and hf.get("num_experts", 0) > 0:
+            raise ConversionError("this Qwen3-Next model has mixture-of-experts layers; lctrain imports dense ones "
+                                  "(mlp_only_layers covering every layer)")
+        rope = hf.get("rope_parameters") or {}
+        if rope.get("rope_type", "default") != "default":
+            raise ConversionError(f"this Qwen3-Next model uses {rope['rope_type']!r} RoPE scaling; lctrain has plain RoPE")
+        mixers = "".join("G" if t == "linear_attention" else "*" for t in hf["layer_types"])
+        model = ModelConfig(pattern="".join(m + "-" for m in mixers), hidden_size=hf["hidden_size"],
+                            ffn_hidden_size=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                            tie_embeddings=hf.get("tie_word_embeddings", False), norm_eps=hf["rms_norm_eps"])
+        model.gated_deltanet = dataclasses.replace(
+            model.gated_deltanet, num_heads=hf["linear_num_key_heads"], num_value_heads=hf["linear_num_value_heads"],
+            head_k_dim=hf["linear_key_head_dim"], head_v_dim=hf["linear_value_head_dim"],
+            conv_size=hf["linear_conv_kernel_dim"])
+        model.attention = dataclasses.replace(
+            model.attention, num_heads=hf["num_attention_heads"], num_kv_heads=hf["num_key_value_heads"],
+            head_dim=hf["head_dim"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+            rope_fraction=float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.25))),
+            qk_norm=True, output_gate=True)
+        return model
+
+    @staticmethod
+    def to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+        g, a = model.gated_deltanet, model.attention
+        heads = g.num_heads
+        head_dim, _ = _rotated_channels(model)
+        kv_heads = a.num_kv_heads or a.num_heads
+        out = {"model.embed_tokens.weight": full["embedding.weight"], "model.norm.weight": full["final_norm.weight"] - 1}
+        if "output.weight" in full:
+            out["lm_head.weight"] = full["output.weight"]
+        for i, symbol in enumerate(model.pattern[0::2]):
+            mixer, mlp, hf = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
+            out[hf + "input_layernorm.weight"] = full[mixer + "norm.weight"] - 1
+            out[hf + "post_attention_layernorm.weight"] = full[mlp + "norm.weight"] - 1
+            gate, up = full[mlp + "mixer.gate_up.weight"].chunk(2)
+            out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up,
+                        hf + "mlp.down_proj.weight": full[mlp + "mixer.down.weight"]})
+            m = mixer + "mixer."
+            if symbol == "G":
+                q, k = full[m + "qk_proj.weight"].chunk(2)
+                v, z = full[m + "vz_proj.weight"].chunk(2)
+                b, a_ = full[m + "ba_proj.weight"].chunk(2)
+                grouped = lambda *ts: torch.cat([t.reshape(heads, -1, t.shape[-1]) for t in ts], 1).flatten(0, 1)  # noqa: E731
+                out.update({
+                    hf + "linear_attn.in_proj_qkvz.weight": grouped(q, k, v, z),
+                    hf + "linear_attn.in_proj_ba.weight": grouped(b, a_),
+                    hf + "linear_attn.conv1d.weight": torch.cat([full[m + n] for n in ("q_conv.weight", "k_conv.weight",
+                                                                                       "v_conv.weight")])[:, None],
+                    hf + "linear_attn.A_log": full[m + "A_log"], hf + "linear_attn.dt_bias": full[m + "dt_bias"],
+                    hf + "linear_attn.norm.weight": full[m + "out_norm.weight"],
+                    hf + "linear_attn.out_proj.weight": full[m + "out_proj.weight"]})
+            else:
+                k, v = full[m + "kv_proj.weight"].view(kv_heads, 2 * head_dim, -1).chunk(2, dim=1)
+                out.update({
+                    hf + "self_attn.q_proj.weight": full[m + "q_proj.weight"],
+                    hf + "self_attn.k_proj.weight": k.flatten(0, 1), hf + "self_attn.v_proj.weight": v.flatten(0, 1),
+                    hf + "self_attn.q_norm.weight": full[m + "q_norm.weight"] - 1,
+                    hf + "self_attn.k_norm.weight": full[m + "k_norm.weight"] - 1,
+                    hf + "self_attn.o_proj.weight": full[m + "out_proj.weight"]})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @staticmethod
+    def from_hf(tensors: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+        g, a = model.gated_deltanet, model.attention
+        heads, value_heads = g.num_heads, g.num_value_heads or g.num_heads
+        group_rows = value_heads // heads * g.head_v_dim
+        group_ba = value_heads // heads
+        head_dim, _ = _rotated_channels(model)
+        kv_heads = a.num_kv_heads or a.num_heads
+        full = {"embedding.weight": tensors["model.embed_tokens.weight"], "final_norm.weight": tensors["model.norm.weight"] + 1}
+        if not model.tie_embeddings:
+            full["output.weight"] = tensors["lm_head.weight"]
+        for i, symbol in enumerate(model.pattern[0::2]):
+            mixer, mlp, hf = f"layers.{2 * i}.", f"layers.{2 * i + 1}.", f"model.layers.{i}."
+            full[mixer + "norm.weight"] = tensors[hf + "input_layernorm.weight"] + 1
+            full[mlp + "norm.weight"] = tensors[hf + "post_attention_layernorm.weight"] + 1
+            full[mlp + "mixer.gate_up.weight"] = torch.cat([tensors[hf + "mlp.gate_proj.weight"], tensors[hf + "mlp.up_proj.weight"]])
+            full[mlp + "mixer.down.weight"] = tensors[hf + "mlp.down_proj.weight"]
+            m = mixer + "mixer."
+            if symbol == "G":
+                hidden = tensors[hf + "linear_attn.in_proj_qkvz.weight"].shape[-1]
+                qkvz = tensors[hf + "linear_attn.in_proj_qkvz.weight"].view(heads, -1, hidden)
+                q, k, v, z = qkvz.split([g.head_k_dim, g.head_k_dim, group_rows, group_rows], dim=1)
+                b, a_ = tensors[hf + "linear_attn.in_proj_ba.weight"].view(heads, -1, hidden).split([group_ba, group_ba], dim=1)
+                flat = lambda *ts: torch.cat([t.flatten(0, 1) for t in ts])  # noqa: E731
+                qk = heads * g.head_k_dim
+                conv = tensors[hf + "linear_attn.conv1d.weight"][:, 0]
+                full.update({
+                    m + "qk_proj.weight": flat(q, k), m + "vz_proj.weight": flat(v, z), m + "ba_proj.weight": flat(b, a_),
+                    m + "q_conv.weight": conv[:qk], m + "k_conv.weight": conv[qk:2 * qk], m + "v_conv.weight": conv[2 * qk:],
+                    m + "A_log": tensors[hf + "linear_attn.A_log"], m + "dt_bias": tensors[hf + "linear_attn.dt_bias"],
+                    m + "out_norm.weight": tensors[hf + "linear_attn.norm.weight"],
+                    m + "out_proj.weight": tensors[hf + "linear_attn.out_proj.weight"]})
+            else:
+                k = tensors[hf + "self_attn.k_proj.weight"].view(kv_heads, head_dim, -1)
+                v = tensors[hf + "self_attn.v_proj.weight"].view(kv_heads, head_dim, -1)
+                full.update({
+                    m + "q_proj.weight": tensors[hf + "self_attn.q_proj.weight"],
+                    m + "kv_proj.weight": torch.cat([k, v], 1).flatten(0, 1),
+                    m + "q_norm.weight": tensors[hf + "self_attn.q_norm.weight"] + 1,
+                    m + "k_norm.weight": tensors[hf + "self_attn.k_norm.weight"] + 1,
+                    m + "out_proj.weight": tensors[hf + "self_attn.o_proj.weight"]})
+        return {k: v.contiguous() for k, v in full.items()}
+
+
+class Mamba2:
+    name = "Mamba2ForCausalLM"
+    model_type = "mamba2"
+    remote = False
+
+    @staticmethod
+    def hf_config(model: ModelConfig, common: dict) -> dict:
+        c = model.mamba2
+        inner = c.expand * model.hidden_size
+        return dict(
+            architectures=[Mamba2.name], model_type=Mamba2.model_type, vocab_size=model.vocab_size,
+            hidden_size=model.hidden_size, num_hidden_layers=len(model.pattern), num_heads=c.num_heads or inner // c.head_dim,
+            head_dim=c.head_dim, state_size=c.state_size, n_groups=c.num_groups, expand=c.expand, conv_kernel=c.conv_size,
+            layer_norm_epsilon=model.norm_eps, use_bias=False, use_conv_bias=False, hidden_act="silu",
+            residual_in_fp32=True, time_step_limit=[0.0, math.inf], chunk_size=model.chunk_size,
+            tie_word_embeddings=model.tie_embeddings, **common)
+
+    @staticmethod
+    def model_config(hf: dict) -> ModelConfig:
+        if hf.get("use_bias") or hf.get("use_conv_bias", True):
+            raise ConversionError("this Mamba2 model has projection or convolution biases; lctrain's Mamba2 has none")
+        limit = hf.get("time_step_limit") or [0.0, math.inf]
+        if limit[0] > 0 or limit[1] < math.inf:
+            raise ConversionError(f"this Mamba2 model clamps dt to {limit}; lctrain's Mamba2 does not")
+        model = ModelConfig(pattern="M" * hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
+                            vocab_size=hf["vocab_size"], tie_embeddings=hf.get("tie_word_embeddings", False),
+                            norm_eps=hf["layer_norm_epsilon"])
+        model.mamba2 = dataclasses.replace(model.mamba2, num_heads=hf["num_heads"], head_dim=hf["head_dim"],
+                                           state_size=hf["state_size"], num_groups=hf["n_groups"], expand=hf["expand"],
+                                           conv_size=hf["conv_kernel"])
+        return model
+
+    @staticmethod
+    def _sizes(model: ModelConfig) -> tuple[int, int, int]:
+        c = model.mamba2
+        inner = c.expand * model.hidden_size
+        return inner, c.num_groups * c.state_size, c.num_heads or inner // c.head_dim
+
+    @staticmethod
+    def to_hf(full: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+        out = {"backbone.embeddings.weight": full["embedding.weight"], "backbone.norm_f.weight": full["final_norm.weight"]}
+        if "output.weight" in full:
+            out["lm_head.weight"] = full["output.weight"]
+        for i in range(len(model.pattern)):
+            m, hf = f"layers.{i}.mixer.", f"backbone.layers.{i}."
+            out.update({
+                hf + "norm.weight": full[f"layers.{i}.norm.weight"],
+                hf + "mixer.in_proj.weight": torch.cat([full[m + "zx_proj.weight"], full[m + "bc_proj.weight"], full[m + "dt_proj.weight"]]),
+                hf + "mixer.conv1d.weight": torch.cat([full[m + n] for n in ("x_conv.weight", "b_conv.weight", "c_conv.weight")])[:, None],
+                hf + "mixer.A_log": full[m + "A_log"], hf + "mixer.dt_bias": full[m + "dt_bias"], hf + "mixer.D": full[m + "D"],
+                hf + "mixer.norm.weight": full[m + "norm_weight"], hf + "mixer.out_proj.weight": full[m + "out_proj.weight"]})
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @staticmethod
+    def from_hf(tensors: dict[str, torch.Tensor], model: ModelConfig) -> dict[str, torch.Tensor]:
+        inner, bc, heads = Mamba2._sizes(model)
+        full = {"embedding.weight": tensors["backbone.embeddings.weight"], "final_norm.weight": tensors["backbone.norm_f.weight"]}
+        if not model.tie_embeddings:
+            full["output.weight"] = tensors["lm_head.weight"]
+        for i in range(len(model.pattern)):
+            m, hf = f"layers.{i}.mixer.", f"backbone.layers.{i}."
+            zx, bcw, dt = _split(tensors[hf + "mixer.in_proj.weight"], 2 * inner, 2 * bc, heads)
+            x_conv, b_conv, c_conv = _split(tensors[hf + "mixer.conv1d.weight"][:, 0], inner, bc, bc)
+            full.update({
+                f"layers.{i}.norm.weight": tensors[hf + "norm.weight"], m + "zx_proj.weight": zx, m + "bc_proj.weight": bcw,
+                m + "dt_proj.weight": dt, m + "x_conv.weight": x_conv, m + "b_conv.weight": b_conv, m + "c_conv.weight": c_conv,
+                m + "A_log": tensors[hf + "mixer.A_log"], m + "dt_bias": tensors[hf + "mixer.dt_bias"], m + "D": tensors[hf + "mixer.D"],
+                m + "norm_weight": tensors[hf + "mixer.norm.weight"], m + "out_proj.weight": tensors[hf + "mixer.out_proj.weight"]})
+        return {k: v.contiguous() for k, v in full.items()}
