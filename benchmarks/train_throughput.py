@@ -1,0 +1,292 @@
+"""End-to-end training throughput on one GPU: lctrain's real training step (DeepSpeed bf16 engine, the configured
+activation checkpointing, chunked loss, AdamW) against flash-linear-attention's GatedDeltaNetForCausalLM in a plain
+torch loop, in the same run on the same GPU. One table.
+
+    python benchmarks/train_throughput.py                       # every ~1.3B config, T = 16k, 65k, 131k, and the peer
+    python benchmarks/train_throughput.py --config gdn_h1_1p3b --T 65536 --max-T   # also the longest T that trains
+    python benchmarks/train_throughput.py --tiny                # CPU dry run of the same code path, tiny shapes
+
+Per row: tokens/s; achieved TFLOP/s = tokens/s x training FLOPs per token (lctrain.train.flops: 3 x (2 per weight of
+every projection and the output layer + each mixer's own FLOPs), for the peer the 6N rule on its non-embedding
+parameters plus its output layer, the same convention); MFU against the dense bf16 peak and against the matmul
+ceiling measured in this run; peak memory; and the step split into forward, backward, optimizer, with the
+forward+backward time of each sublayer kind, the loss and the rest measured one by one (same T, same checkpointing).
+Inputs are random tokens in one document per sequence (B = 1); timings are medians over the timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+CONFIGS = ["gdn_1p3b", "gdn_h1_1p3b", "gdn_h2_1p3b", "gsa_1p3b", "bst_1p3b"]
+TINY = ["model.hidden_size=64", "model.ffn_hidden_size=128", "model.vocab_size=512",
+        "model.gated_deltanet.num_heads=2", "model.gated_deltanet.num_value_heads=4", "model.gated_deltanet.head_k_dim=16",
+        "model.gated_deltanet.head_v_dim=16", "model.attention.num_heads=2", "model.attention.num_kv_heads=2",
+        "model.attention.head_dim=32", "model.attention.window=32", "model.gated_slot_attention.num_heads=2",
+        "model.gated_slot_attention.head_k_dim=16", "model.gated_slot_attention.head_v_dim=16",
+        "model.gated_slot_attention.num_slots=8", "model.mamba2.head_dim=16", "model.mamba2.state_size=8",
+        "model.block_state.block_size=32", "model.block_state.num_heads=2", "model.block_state.ssm_state_size=4",
+        "train.loss_chunk_tokens=64"]
+
+
+@dataclasses.dataclass
+class Row:
+    config: str
+    T: int
+    impl: str
+    tokens_per_s: float = float("nan")
+    tflops: float = float("nan")
+    peak_gib: float = float("nan")
+    step_ms: float = float("nan")
+    breakdown: str = ""
+    note: str = ""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) -> list[Row]:
+    import deepspeed
+
+    from lctrain.config import load_config
+    from lctrain.model.hybrid import HybridModel, transformer_config
+    from lctrain.model.layout import layout_from_cu_seqlens
+    from lctrain.train.flops import training_flops_per_token
+    from lctrain.train.loop import build_optimizer, deepspeed_config
+
+    overrides = TINY + [f"model.pattern={args.tiny_pattern or load_config(ROOT / 'configs' / f'{name}.yaml').model.pattern[:6]}"] if args.tiny else []
+    config = load_config(ROOT / "configs" / f"{name}.yaml", overrides + [f"data.seq_len={max(lengths)}"], validate=False)
+    bf16 = device.type == "cuda"
+    torch.manual_seed(0)
+    model = HybridModel(config.model, transformer_config(config.model))
+    model.activation_checkpointing = config.train.activation_checkpointing == "block"
+    model.to(device)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config, device),
+                                      config=deepspeed_config(config, bf16), dist_init_required=False)
+    rows = []
+    for T in lengths:
+        row = Row(name, T, "lctrain")
+        ids = torch.randint(0, config.model.vocab_size, (1, T), device=device)
+        labels = torch.roll(ids, -1, 1)
+        layout = layout_from_cu_seqlens(torch.tensor([0, T]), 1, T).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        phases = {"forward": [], "backward": [], "optimizer": []}
+        try:
+            for step in range(args.warmup + args.steps):
+                out = {}
+                f = timed(lambda: out.update(loss=engine(ids, layout, labels, config.train.loss_chunk_tokens)), device)
+                loss_sum, count = out["loss"]
+                b = timed(lambda: engine.backward(loss_sum / count), device)
+                o = timed(engine.step, device)
+                if step >= args.warmup:
+                    for key, value in zip(phases, (f, b, o)):
+                        phases[key].append(value)
+        except torch.cuda.OutOfMemoryError:
+            row.note = "out of memory"
+            rows.append(row)
+            torch.cuda.empty_cache()
+            continue
+        median = {k: statistics.median(v) for k, v in phases.items()}
+        row.step_ms = sum(median.values())
+        row.tokens_per_s = T / row.step_ms * 1e3
+        row.tflops = row.tokens_per_s * training_flops_per_token(config.model, T) / 1e12
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        parts = component_times(engine.module, config, T, device)
+        rest = median["forward"] + median["backward"] - sum(parts.values())
+        shares = {**parts, "other fwd/bwd": rest, "optimizer": median["optimizer"]}
+        row.breakdown = ", ".join(f"{k} {v / row.step_ms:.0%}" for k, v in shares.items())
+        row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
+        rows.append(row)
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def component_times(module, config, T: int, device) -> dict[str, float]:
+    """Forward + backward milliseconds of each sublayer kind (summed over its occurrences) and of the loss,
+    each run alone on random activations, with the step's activation checkpointing (recompute in backward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from lctrain.model.layout import layout_from_cu_seqlens
+    from lctrain.model.loss import chunked_cross_entropy
+    from lctrain.model.registry import LAYERS
+
+    dtype = next(module.parameters()).dtype
+    layout = layout_from_cu_seqlens(torch.tensor([0, T]), 1, T).to(device)
+    x = torch.randn(1, T, config.model.hidden_size, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn_like(x)
+    recompute = config.train.activation_checkpointing == "block"
+    times: dict[str, float] = {}
+    seen: dict[str, int] = {}
+    for layer in module.layers:
+        seen[layer.symbol] = seen.get(layer.symbol, 0) + 1
+    for symbol, count in seen.items():
+        layer = next(l for l in module.layers if l.symbol == symbol)
+        params = [p for p in layer.parameters() if p.requires_grad]
+
+        def run():
+            out = checkpoint(layer, x, layout, use_reentrant=False) if recompute else layer(x, layout)
+            torch.autograd.grad(out, [x] + params, grad)  # captured, not accumulated into .grad
+
+        run()
+        times[f"{LAYERS[symbol].name}"] = statistics.median(timed(run, device) for _ in range(3)) * count
+    labels = torch.randint(0, config.model.vocab_size, (T,), device=device)
+    weight = module.output_weight
+
+    def loss():
+        hidden = module.final_norm(x)[0]
+        value = chunked_cross_entropy(hidden, weight, labels, config.model.vocab_size, 0, config.train.loss_chunk_tokens)
+        torch.autograd.grad(value, [x, weight])
+
+    loss()
+    times["loss"] = statistics.median(timed(loss, device) for _ in range(3))
+    return times
+
+
+def peer_rows(lengths: list[int], args, device, ceiling: float) -> list[Row]:
+    """flash-linear-attention's GatedDeltaNetForCausalLM, default config (1.39B), bf16, fused AdamW, gradient
+    checkpointing, fused linear cross-entropy; its Hopper guard bypassed for timing only."""
+    rows = [Row("fla GDN 1.39B", T, "peer") for T in lengths]
+    if device.type != "cuda":
+        for r in rows:
+            r.note = "peer needs CUDA"
+        return rows
+    try:
+        import fla.ops.common.chunk_o as chunk_o
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+    except ImportError as e:
+        for r in rows:
+            r.note = f"fla unavailable: {e}"
+        return rows
+    chunk_o.TRITON_ABOVE_3_7_1 = True
+    cfg = GatedDeltaNetConfig(fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
+    torch.manual_seed(0)
+    model = GatedDeltaNetForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    embedding = model.model.embeddings.weight.numel()
+    flops_per_token = 6 * (params - embedding)  # the 6N rule (output layer included, embedding lookup not)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for row in rows:
+        T = row.T
+        ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+        torch.cuda.reset_peak_memory_stats()
+        samples = []
+        try:
+            for step in range(args.warmup + args.steps):
+                def one():
+                    out = model(input_ids=ids, labels=ids)
+                    out.loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                ms = timed(one, device)
+                if step >= args.warmup:
+                    samples.append(ms)
+        except torch.cuda.OutOfMemoryError:
+            row.note = "out of memory"
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            continue
+        row.step_ms = statistics.median(samples)
+        row.tokens_per_s = T / row.step_ms * 1e3
+        row.tflops = row.tokens_per_s * flops_per_token / 1e12
+        row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        row.note = f"{params / 1e9:.2f}B params, 6N FLOPs"
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return rows
+
+
+def longest_trainable(name: str, start: int, args, device) -> str:
+    """Double T from ``start`` until one training step runs out of memory; the last T that trained."""
+    good, T = None, start
+    while T <= args.max_T_limit:
+        sub = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
+        row = lctrain_rows(name, [T], sub, device, float("nan"))[0]
+        if row.note == "out of memory":
+            break
+        good, T = (T, row.peak_gib), T * 2
+    return f"longest T that trained one step of {name}: {good[0] if good else 'none'}" + (
+        f" (peak {good[1]:.1f} GiB); {T} ran out of memory" if good else "")
+
+
+def print_table(rows: list[Row], gpu: str, ceiling: float, peak: float | None) -> str:
+    lines = [f"== end-to-end training, B=1, bf16, on {gpu}; matmul ceiling {ceiling:.0f} TFLOP/s measured, "
+             f"dense bf16 peak {peak or float('nan'):.0f}",
+             f"{'config':16} {'T':>7} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'%ceil':>6} {'GiB':>6} {'step ms':>9}  notes"]
+    for r in rows:
+        mfu = r.tflops / peak if peak else float("nan")
+        lines.append(f"{r.config:16} {r.T:>7} {r.tokens_per_s:>9.0f} {r.tflops:>8.1f} {mfu:>6.1%} "
+                     f"{r.tflops / ceiling:>6.1%} {r.peak_gib:>6.1f} {r.step_ms:>9.1f}  {r.note}")
+        if r.breakdown:
+            lines.append(f"{'':16} {'':>7}   breakdown: {r.breakdown}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", choices=CONFIGS)
+    parser.add_argument("--T", type=int, action="append")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--max-T", action="store_true", help="also find the longest T that trains (doubling)")
+    parser.add_argument("--max-T-limit", type=int, default=1 << 21)
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run with tiny shapes")
+    parser.add_argument("--tiny-pattern", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="append the table to this file")
+    args = parser.parse_args(argv)
+
+    from harness import measure_ceilings
+
+    from lctrain.parallel.groups import init_parallel
+    from lctrain.train.flops import peak_tflops
+
+    init_parallel()
+    device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
+    lengths = args.T or ([128, 256] if args.tiny else [16384, 65536, 131072])
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny dry run)"
+    ceiling = measure_ceilings().matmul_tflops if device.type == "cuda" else float("nan")
+    peak = peak_tflops(gpu) if device.type == "cuda" else None
+    rows: list[Row] = []
+    for name in args.config or CONFIGS:
+        rows += lctrain_rows(name, lengths, args, device, ceiling)
+    if not args.no_peer:
+        rows += peer_rows(lengths, args, device, ceiling)
+    text = print_table(rows, gpu, ceiling, peak)
+    if args.max_T:
+        for name in args.config or ["gdn_h1_1p3b"]:
+            line = longest_trainable(name, max(lengths) * 2, args, device)
+            print(line, flush=True)
+            text += "\n" + line
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
