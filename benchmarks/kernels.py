@@ -31,13 +31,14 @@ def flat_outputs(out) -> list[torch.Tensor]:
 def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: torch.dtype, reps: int) -> list[Measurement]:
     rows = []
     for T in lengths:
-        fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = spec.cost(T)
+        op_cost = spec.cost(T)
         sets = [spec.make_inputs(T, seed, device, dtype) for seed in range(3)]
         for impl in spec.impls():
             if impl.unavailable:
                 for mode in ("fwd", "fwd+bwd"):
                     rows.append(Measurement(spec.name, impl.name, mode, T, float("nan"), 0, 0, impl.unavailable))
                 continue
+            fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = impl.cost(T) if impl.cost else op_cost
             grads = [[torch.randn_like(o) for o in flat_outputs(impl.forward(s)) if o.requires_grad] for s in sets]
 
             def fwd(i):
@@ -46,7 +47,8 @@ def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: tor
             def fwd_bwd(i):
                 outs = [o for o in flat_outputs(impl.forward(sets[i])) if o.requires_grad]
                 params = [t for t in sets[i].values() if isinstance(t, torch.Tensor) and t.requires_grad]
-                torch.autograd.grad(outs, params, grads[i][: len(outs)])
+                # allow_unused: a reference impl (e.g. attention beside a recurrence) may ignore some inputs
+                torch.autograd.grad(outs, params, grads[i][: len(outs)], allow_unused=True)
 
             for mode, fn, flops, nbytes in (("fwd", fwd, fwd_flops, fwd_bytes),
                                             ("fwd+bwd", fwd_bwd, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes)):

@@ -9,11 +9,13 @@ import torch
 
 @dataclasses.dataclass
 class Impl:
-    """One implementation of an op: ``forward(inputs) -> output tensor(s)``; ``unavailable`` says why it cannot run."""
+    """One implementation of an op: ``forward(inputs) -> output tensor(s)``; ``unavailable`` says why it cannot run;
+    ``cost`` overrides the op's cost model for an impl that computes something else (a reference point)."""
 
     name: str
     forward: Callable[[dict], object]
     unavailable: str | None = None
+    cost: Callable[[int], tuple[float, float, float, float]] | None = None
 
 
 @dataclasses.dataclass
