@@ -1,0 +1,167 @@
+"""Gated DeltaNet: lctrain's chunk_gated_delta_rule against flash-linear-attention's (the baseline), with causal
+flash attention (torch SDPA, q, k, v [B, H, T, D]) as a reference point.
+
+Shape: B = 1, H = 16 (query/key and value heads), K = V = 128, bf16; unit-norm keys, beta = sigmoid, log decays
+g = logsigmoid (float32), as the layer feeds them. On CPU (--tiny) H = 2, K = V = 32.
+
+Cost model, per token and head, chunks of C = 64, causal C x C products counted at half:
+  forward  UT transform: k k^T (K C) and the triangular solve for [w | u] (C (K + V));
+           pseudo-values u - w h (2 K V); state update (2 K V); output (q e) h (2 K V) + q k^T (K C) + P vn (V C)
+  backward dh recurrence (4 K V: q^T do, w^T dvn) + dvn (2 K V + V C); dq (2 K V + K C); dk (2 K V + K C);
+           dw (2 K V); dS = vn do^T (V C); UT transform: T^T du, T^T dw, dT, dA and k k^T (~3 C (K + V));
+           the kernels' recomputation of the forward is not counted.
+  attention (SDPA): forward 2 T K + 2 T V per token and head at half (causal), backward 2.5 x forward.
+Fewest bytes: forward reads q, k, v, g (float32), beta and writes o; backward also reads do and writes dq, dk,
+dv, dg, dbeta, in the inputs' dtypes (states never need to leave the chip in the ideal kernel).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import Impl, OpSpec
+
+GPU_DIMS = (16, 128, 128)  # H, K, V
+CPU_DIMS = (2, 32, 32)
+CHUNK = 64
+
+
+def _dims(device: torch.device):
+    return GPU_DIMS if device.type == "cuda" else CPU_DIMS
+
+
+def make_inputs(T: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict:
+    H, K, V = _dims(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
+
+    inputs = {
+        "q": randn(1, T, H, K).to(dtype),
+        "k": F.normalize(randn(1, T, H, K), dim=-1).to(dtype),
+        "v": randn(1, T, H, V).to(dtype),
+        "g": F.logsigmoid(randn(1, T, H) + 3.0),
+        "beta": randn(1, T, H).sigmoid().to(dtype),
+    }
+    return {name: t.requires_grad_() for name, t in inputs.items()}
+
+
+def cost(T: int) -> tuple[float, float, float, float]:
+    H, K, V = GPU_DIMS
+    C = CHUNK
+    fwd = K * C + C * (K + V) + 3 * 2 * K * V + K * C + V * C
+    bwd = 4 * K * V + 2 * K * V + V * C + 2 * K * V + K * C + 2 * K * V + K * C + 2 * K * V + V * C + 3 * C * (K + V)
+    elem = 2  # bf16
+    per_token = H * (2 * K + V) * elem + H * (4 + elem)  # q, k, v, g (float32), beta
+    out = H * V * elem
+    fwd_bytes = T * (per_token + out)
+    bwd_bytes = T * (per_token + out + per_token)  # reads again with do; writes every input's gradient
+    return T * H * fwd, fwd_bytes, T * H * bwd, bwd_bytes
+
+
+def _lctrain() -> Impl:
+    from lctrain.kernels.gated_delta import chunk_gated_delta_rule
+
+    return Impl("lctrain", lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])
+
+
+def _fla() -> Impl:
+    if not torch.cuda.is_available():
+        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
+    try:
+        import fla.ops.common.chunk_o as fla_chunk_o
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
+        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
+    # fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue #640, a miscompile); for
+    # timing only, bypass the guard, as the project rules allow. Its gradients on this stack are not checked here.
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return Impl("fla", lambda x: fla_chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])
+
+
+def attention_cost(T: int) -> tuple[float, float, float, float]:
+    """Causal attention: q k^T and p v at half; backward 2.5 x forward (dv, dp, dq, dk and the recomputed scores).
+    Bytes: q, k, v in and o out; backward reads them with do and writes dq, dk, dv."""
+    H, K, V = GPU_DIMS
+    fwd = T * H * (T / 2) * (2 * K + 2 * V)
+    io = T * H * (2 * K + 2 * V) * 2
+    return fwd, io, 2.5 * fwd, io + T * H * (2 * K + V + V) * 2
+
+
+def _attention() -> Impl:
+    """Causal flash attention on the same q, k, v (a reference point, not a peer: it ignores g and beta)."""
+    def forward(x):
+        q, k, v = (x[n].transpose(1, 2) for n in ("q", "k", "v"))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+    return Impl("sdpa-causal", forward, cost=attention_cost)
+
+
+SPEC = OpSpec(
+    name="gdn",
+    lengths=[8192, 32768, 65536, 131072],
+    tiny_lengths=[20, 70],
+    make_inputs=make_inputs,
+    cost=cost,
+    impls=lambda: [_lctrain(), _fla(), _attention()],
+    baseline="fla",
+)
+
+
+def profile(T: int = 65536, segments=(None, 8, 32)) -> None:
+    """lctrain's fwd and fwd+bwd at one length for a few segment lengths (runtime only: no recompilation), a
+    cross-check of values and gradients against fla at T = 8192, and a per-kernel CUDA time table.
+    Run from benchmarks/:  python -m kernel_ops.gdn [T]"""
+    import os
+
+    from harness import time_ms
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+    names = ["q", "k", "v", "g", "beta"]
+    lct = _lctrain()
+    grads = [torch.randn_like(x["v"]) for x in sets]
+
+    def fwd(i):
+        return lct.forward(sets[i])
+
+    def fwd_bwd(i):
+        torch.autograd.grad(lct.forward(sets[i]), [sets[i][n] for n in names], grads[i])
+
+    print(f"lctrain chunk_gated_delta_rule at T={T} on {torch.cuda.get_device_name()}: chunks per segment -> "
+          "fwd ms, fwd+bwd ms", flush=True)
+    for segment in segments:
+        if segment is None:
+            os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
+        else:
+            os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
+        f, fb = time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3)
+        print(f"  segment_chunks={segment or 'auto'}: {f:.3f} {fb:.3f}", flush=True)
+    os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
+
+    fwd_bwd(0)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(0)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50), flush=True)
+
+    fla = _fla()
+    if fla.unavailable is None:
+        x = make_inputs(8192, 7, device, dtype)
+        cot = torch.randn_like(x["v"])
+        results = []
+        for impl in (lct, fla):
+            o = impl.forward(x)
+            results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
+        diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                 for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
+        print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()},
+              flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    profile(int(sys.argv[1]) if len(sys.argv) > 1 else 65536)
