@@ -21,10 +21,10 @@ Depth L + (chunks / L) + L instead of chunks, and more programs to fill the GPU.
 Backward. With D the gradient of the loss with respect to the state entering a chunk, dh_c that leaving it:
   dvn = scale P^T do + (k * exp(gl - gc)) dh_c,        D = exp(gl) dh_c + scale (q * e)^T do - w^T dvn
   = M_c^T dh_c + G_c: the same algebra reversed, so the same three steps run backwards (M^T from the forward
-summary, G from a summary of the gradients). Then one program per chunk forms every input gradient from h_c, dh_c
-and recomputed w, u, T (see _grads_kernel for the formulas). Stored between forward and backward: the inputs, and
-each segment's entering state (N x HV x K x V per segment) and M; the backward recomputes T, w, u and the chunk
-states.
+summary, G from a summary of the gradients); the scans also store each chunk's h, vn, dh and dvn. Then two
+launches of one program per chunk form the input gradients (_grads_qk_kernel, _grads_wy_kernel: split in two so
+that each fits the registers). Kept from forward to backward: the inputs, each segment's entering state and M
+(per segment, not per token); the backward recomputes T, w, u and the chunk states.
 
 Implementation notes. Never transpose a tl.dot result (tl.trans of an MMA-layout tensor feeding another dot is
 miscompiled on Hopper by Triton 3.2-3.6; flash-linear-attention issue #640, triton issue #6124): transposed
@@ -54,12 +54,14 @@ CHUNK = 64
 
 
 @triton.jit
-def _unit_lower_inverse(A):
+def _unit_lower_inverse(A, PRECISION: tl.constexpr):
     """(I + A)^-1 for a strictly lower triangular 64 x 64 float32 A.
 
     The four 16 x 16 diagonal blocks D are inverted by Gaussian elimination (15 pivots, the four blocks at once);
     with Y = (I + D)^-1 and N the part of A below the diagonal blocks, (I + A) = (I + D)(I + Y N) and B = Y N is
     nilpotent with B^4 = 0, so (I + A)^-1 = (I - B)(I + B^2) Y: the terms of blocked forward substitution.
+    PRECISION is the float32 dots' input precision: "tf32x3" keeps float32 inputs' accuracy, "tf32" is enough
+    for 16-bit inputs (T is rounded to them).
     """
     r = tl.arange(0, 64)
     block = r // 16
@@ -73,11 +75,11 @@ def _unit_lower_inverse(A):
         y_row = tl.sum(tl.where(r[:, None] == pivot[None, :], Y, 0.0), axis=0)
         Y -= tl.where(same_block, a_col[:, None] * y_row[None, :], 0.0)
     N = tl.where(same_block, 0.0, A)
-    B = tl.dot(Y, N, input_precision="tf32x3")
-    B2 = tl.dot(B, B, input_precision="tf32x3")
+    B = tl.dot(Y, N, input_precision=PRECISION)
+    B2 = tl.dot(B, B, input_precision=PRECISION)
     I_minus_B = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - B
-    X = I_minus_B + tl.dot(I_minus_B, B2, input_precision="tf32x3")
-    return tl.dot(X, Y, input_precision="tf32x3")
+    X = I_minus_B + tl.dot(I_minus_B, B2, input_precision=PRECISION)
+    return tl.dot(X, Y, input_precision=PRECISION)
 
 
 @triton.jit
@@ -104,8 +106,9 @@ def _chunk_tokens(chunks, seq_end, i_c):
 @triton.jit
 def _wy_prepare_kernel(k, v, g, beta, gc, A_inv, w, u, chunks, seq_end,
                        H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr):
-    """Per (chunk, value head): gc = chunk-local cumsum of g, T = (I + A)^-1, w, u (module docstring)."""
+                       BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, STORE_T: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Per (chunk, value head): gc = chunk-local cumsum of g, T = (I + A)^-1 (kept if STORE_T), w, u."""
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
@@ -120,13 +123,14 @@ def _wy_prepare_kernel(k, v, g, beta, gc, A_inv, w, u, chunks, seq_end,
     strict = r[:, None] > r[None, :]
     decay = tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0))
     b_A = tl.where(strict, tl.dot(b_k, tl.trans(b_k)) * decay * b_beta[:, None], 0.0)
-    b_T = _unit_lower_inverse(b_A.to(tl.float32))
-    tl.store(A_inv + (tok * HV + i_hv)[:, None] * 64 + r[None, :], b_T.to(DT), mask=valid[:, None])
+    b_T = _unit_lower_inverse(b_A.to(tl.float32), PRECISION)
+    if STORE_T:
+        tl.store(A_inv + (tok * HV + i_hv)[:, None] * 64 + r[None, :], b_T.to(DT), mask=valid[:, None])
     b_Td = b_T.to(DT)
     b_kw = (b_k * (b_beta * tl.exp(b_gc))[:, None]).to(DT)
     b_w = tl.dot(b_Td, b_kw)
     tl.store(w + (tok * HV + i_hv)[:, None] * K + ck[None, :], b_w.to(DT), mask=valid[:, None] & (ck < K)[None, :])
-    for i_v in tl.static_range(triton.cdiv(V, BV)):
+    for i_v in range(NV):
         cv = i_v * BV + tl.arange(0, BV)
         m = valid[:, None] & (cv < V)[None, :]
         b_v = tl.load(v + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=m, other=0.0)
@@ -143,18 +147,20 @@ def _segment(segs, i_s):
 
 
 @triton.jit
-def _fwd_scan_kernel(q, k, w, u, gc, o, h, seg_init, summary, final, segs, scale,
+def _fwd_scan_kernel(q, k, w, u, gc, o, h, vn, seg_init, summary, final, segs, scale,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, NBM: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, NBM: tl.constexpr,
                      SUMMARY: tl.constexpr, OUTPUT: tl.constexpr, STORE_H: tl.constexpr,
                      HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     """Run one segment's chunks for BV state columns of one value head.
 
     SUMMARY: start from [I | 0] (column blocks < NBM are identity columns, the rest u's columns) and write the
     segment's [M | E] to summary [S, HV, K, K + V]. Otherwise start from seg_init[s] (or 0), write o (OUTPUT),
-    each chunk's entering state h[chunk] (STORE_H) and, at a sequence's end, final[seq] (STORE_FINAL).
+    each chunk's entering state h[chunk] and pseudo-values vn (STORE_H), and at a sequence's end final[seq]
+    (STORE_FINAL).
     """
-    i_s, i_hv, i_b = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    # the NB column blocks of one segment are neighbours in launch order: they read the same q, k, w
+    i_s, i_b, i_hv = tl.program_id(0).to(tl.int64) // NB, tl.program_id(0) % NB, tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
     seq, c0, nc, t_start, bos, eos = _segment(segs, i_s)
@@ -191,22 +197,25 @@ def _fwd_scan_kernel(q, k, w, u, gc, o, h, seg_init, summary, final, segs, scale
         b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
         b_u = tl.load(u + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :],
                       mask=valid[:, None] & ucols[None, :], other=0.0)
-        b_vn = b_u.to(tl.float32) - tl.dot(b_w, S.to(DT))
-        if OUTPUT:
+        S_d = S.to(DT)
+        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, S_d)).to(DT)
+        if STORE_H:
+            tl.store(h + (((c0 + j).to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :],
+                     S_d.to(h.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
+            tl.store(vn + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :], b_vn.to(vn.dtype.element_ty),
+                     mask=valid[:, None] & cmask[None, :])
+        to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
+        b_kd = (b_k * to_end[:, None]).to(DT)
+        S = S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn)
+        if OUTPUT:  # from the entering state S_d; off the chain of state updates
             b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
             incl = (r[:, None] >= r[None, :]) & valid[:, None]
             b_P = tl.dot(b_q, tl.trans(b_k))
-            b_P = tl.where(incl, b_P * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+            b_P = tl.where(incl, b_P * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0).to(DT)
             b_qd = (b_q * tl.exp(b_gc)[:, None]).to(DT)
-            b_o = tl.dot(b_qd, S.to(DT)) + tl.dot(b_P.to(DT), b_vn.to(DT))
+            b_o = tl.dot(b_qd, S_d) + tl.dot(b_P, b_vn)
             tl.store(o + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :], (scale * b_o).to(o.dtype.element_ty),
                      mask=valid[:, None] & cmask[None, :])
-        if STORE_H:
-            tl.store(h + (((c0 + j).to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :],
-                     S.to(h.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
-        to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
-        b_kd = (b_k * to_end[:, None]).to(DT)
-        S = S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn.to(DT))
     if SUMMARY:
         out_col = tl.where(is_m, col0, K + col0)
         tl.store(summary + ((i_s * HV + i_hv) * K + rk[:, None]) * (K + V) + out_col + cb[None, :], S,
@@ -268,17 +277,17 @@ def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
 
 
 @triton.jit
-def _bwd_scan_kernel(q, k, w, gc, do, dh, seg_dinit, gsum, dh0, segs, scale,
+def _bwd_scan_kernel(q, k, w, gc, do, dh, dvn, seg_dinit, gsum, dh0, segs, scale,
                      H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr,
                      SUMMARY: tl.constexpr, STORE_DH: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DH0: tl.constexpr):
     """Run one segment's chunks backwards for BV columns of the state gradient D (module docstring).
 
     Starts from seg_dinit[s] (the gradient of the state leaving the segment) or 0. SUMMARY writes the segment's
-    G to gsum; STORE_DH writes the gradient of each chunk's leaving state to dh[chunk]; STORE_DH0 writes the
-    gradient of the initial state at a sequence's first segment.
+    G to gsum; STORE_DH writes the gradient of each chunk's leaving state to dh[chunk] and the gradient of its
+    pseudo-values to dvn; STORE_DH0 writes the gradient of the initial state at a sequence's first segment.
     """
-    i_s, i_hv, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+    i_s, i_v, i_hv = tl.program_id(0).to(tl.int64) // NB, tl.program_id(0) % NB, tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
     seq, c0, nc, t_start, bos, eos = _segment(segs, i_s)
@@ -316,6 +325,9 @@ def _bwd_scan_kernel(q, k, w, gc, do, dh, seg_dinit, gsum, dh0, segs, scale,
         to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
         b_kd = (b_k * to_end[:, None]).to(DT)
         b_dvn = scale * tl.dot(b_PT.to(DT), b_do) + tl.dot(b_kd, D.to(DT))
+        if STORE_DH:
+            tl.store(dvn + (tok * HV + i_hv)[:, None] * V + cv[None, :], b_dvn.to(dvn.dtype.element_ty),
+                     mask=valid[:, None] & (cv < V)[None, :])
         b_qd = (b_q * tl.exp(b_gc)[:, None] * scale).to(DT)
         D = D * tl.exp(b_gl) + tl.dot(tl.trans(b_qd), b_do) - tl.dot(tl.trans(b_w), b_dvn.to(DT))
     if SUMMARY:
@@ -326,20 +338,17 @@ def _bwd_scan_kernel(q, k, w, gc, do, dh, seg_dinit, gsum, dh0, segs, scale,
 
 
 @triton.jit
-def _grads_kernel(q, k, v, w, u, gc, beta, A_inv, h, dh, do, dq, dk, dv, dbeta, dg, scratch, chunks, seq_end, scale,
-                  H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr):
-    """Every input gradient of one (chunk, value head), from its entering state h, leaving-state gradient dh, do.
+def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_end, scale,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """Backward, first half, per (chunk, value head): the gradients through the outputs and the leaving state.
 
-    With Z the gradient of the loss with respect to Z, over the chunk (module docstring for the forward):
-      dvn = scale P^T do + (k * exp(gl - gc)) dh;     du = dvn,   dw = -dvn h^T;
-      dS  = do vn^T;  dQK = scale dS * exp(gc_i - gc_j) [i >= j]:   dq = scale (do h^T) * e + dQK k,
-                                                                  dk = dQK^T q + (vn dh^T) * exp(gl - gc) + ...;
-      u = T diag(beta) v, w = T diag(beta) (k * e):  dv = beta * (T^T du),  dX_w = T^T dw,
-      dT = du (beta v)^T + dw (beta e k)^T,   dA = -T^T dT T^T on i > j;
-      A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j):  dk += (E + E^T) k with E = dA * beta_i exp(gc_i - gc_j), dbeta_i
-      += sum_j dA_ij (k_i . k_j) exp(gc_i - gc_j);  every gc-dependent factor adds to dgc (the gate gradient in
-      cumulative form), and dg is dgc summed from each position to the chunk's end.
+    With dX the gradient of the loss with respect to X (module docstring for the forward), dS = do vn^T and
+    dQK = scale dS * exp(gc_i - gc_j) [i >= j]:
+        dq = scale (do h^T) * e + dQK k                     (final)
+        dk = dQK^T q + (vn dh^T) * exp(gl - gc)             (completed by _grads_wy_kernel)
+    and dgc, the gradient with respect to the cumulative log decays gc, from the same terms: scale dS * P moves
+    gc_i up by its row sums and gc_j down by its column sums; (q * e) h, and exp(gl) h + (k * exp(gl - gc))^T vn.
     """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
@@ -349,96 +358,115 @@ def _grads_kernel(q, k, v, w, u, gc, beta, A_inv, h, dh, do, dq, dk, dv, dbeta, 
     rk = tl.arange(0, BK)
     kmask = rk < K
     km = valid[:, None] & kmask[None, :]
+    b_dq = tl.zeros([64, BK], dtype=tl.float32)  # do h^T
+    b_dkh = tl.zeros([64, BK], dtype=tl.float32)  # vn dh^T
+    b_dST = tl.zeros([64, 64], dtype=tl.float32)  # vn do^T = dS^T
+    b_hdh = tl.zeros([BK], dtype=tl.float32)  # rows of sum(h * dh)
+    for i_v in range(NV):
+        cv = i_v * BV + tl.arange(0, BV)
+        vm = valid[:, None] & (cv < V)[None, :]
+        state_at = ((i_c.to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :]
+        b_h = tl.load(h + state_at, mask=kmask[:, None] & (cv < V)[None, :], other=0.0)
+        b_dh = tl.load(dh + state_at, mask=kmask[:, None] & (cv < V)[None, :], other=0.0)
+        at = (tok * HV + i_hv)[:, None] * V + cv[None, :]
+        b_vn = tl.load(vn + at, mask=vm, other=0.0)
+        b_do = tl.load(do + at, mask=vm, other=0.0)
+        b_dq += tl.dot(b_do, tl.trans(b_h))
+        b_dkh += tl.dot(b_vn, tl.trans(b_dh))
+        b_dST += tl.dot(b_vn, tl.trans(b_do))
+        b_hdh += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
     b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
-    b_beta = tl.load(beta + tok * HV + i_hv, mask=valid, other=0.0)
     last = tl.minimum(eos - t0, 64) - 1
     b_gl = tl.load(gc + (t0 + last) * HV + i_hv)
     b_e = tl.where(valid, tl.exp(b_gc), 0.0)
     to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
-    b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
-    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
-    b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
     both = valid[:, None] & valid[None, :]
     incl = (r[:, None] >= r[None, :]) & both
+    b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    scratch = scratch + (i_c.to(tl.int64) * HV + i_hv) * 4096
+    b_dQK = _transpose_via_scratch(b_dST, scratch)
+    b_dQK = tl.where(incl, scale * b_dQK * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    b_Z = b_dQK * tl.dot(b_q, tl.trans(b_k))  # = scale dS * P
+    b_dgc = tl.sum(b_Z, axis=1) - tl.sum(b_Z, axis=0)
+    b_dgc += scale * tl.sum(b_dq * b_q.to(tl.float32), axis=1) * b_e
+    b_dq = scale * b_dq * b_e[:, None] + tl.dot(b_dQK.to(DT), b_k)
+    tl.store(dq + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dq.to(dq.dtype.element_ty), mask=km)
     upper = (r[:, None] <= r[None, :]) & both
-    strict = (r[:, None] > r[None, :]) & both
-    decay = tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0))  # exp(gc_i - gc_j), i >= j
-    decay_t = tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0))  # its transpose
-    b_QK = tl.dot(b_q, tl.trans(b_k))
-    b_PT = tl.where(upper, tl.dot(b_k, tl.trans(b_q)) * decay_t, 0.0)
-    b_kd = (b_k * to_end[:, None]).to(DT)
-    # T^T, read transposed from memory
-    b_TT = tl.load(A_inv + (tok * HV + i_hv)[None, :] * 64 + r[:, None], mask=both, other=0.0)
-    b_dq = tl.zeros([64, BK], dtype=tl.float32)  # do h^T
-    b_dkh = tl.zeros([64, BK], dtype=tl.float32)  # vn dh^T
+    b_dQKT = tl.where(upper, scale * b_dST * tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
+    leave = to_end * tl.sum(b_dkh * b_k.to(tl.float32), axis=1)  # through (k * exp(gl - gc))^T vn
+    b_dk = tl.dot(b_dQKT.to(DT), b_q) + b_dkh * to_end[:, None]
+    tl.store(dk + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dk.to(dk.dtype.element_ty), mask=km)
+    b_dgc -= leave
+    b_dgc += tl.where(r == last, tl.exp(b_gl) * tl.sum(b_hdh, axis=0) + tl.sum(leave, axis=0), 0.0)
+    tl.store(dgc + tok * HV + i_hv, b_dgc, mask=valid)
+
+
+@triton.jit
+def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
+                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """Backward, second half, per (chunk, value head): through vn = u - w h and the UT transform.
+
+    du = dvn, dw = -dvn h^T. With u = T diag(beta) v and w = T diag(beta) (k * e):
+        dv = beta * (T^T du),   dX_w = T^T dw,   dT = du (beta v)^T + dw (beta e k)^T,   dA = -T^T dT T^T (i > j);
+    A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j): with E = dA * beta_i exp(gc_i - gc_j), dk += (E + E^T) k and
+    dbeta_i += sum_j dA_ij (k_i . k_j) exp(gc_i - gc_j). Adds to the dk and dgc of _grads_qk_kernel; dg is the
+    completed dgc summed from each position to the chunk's end.
+    """
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    kmask = rk < K
+    km = valid[:, None] & kmask[None, :]
+    b_beta = tl.load(beta + tok * HV + i_hv, mask=valid, other=0.0)
+    b_TT = tl.load(A_inv + (tok * HV + i_hv)[None, :] * 64 + r[:, None],
+                   mask=valid[:, None] & valid[None, :], other=0.0)  # T^T
     b_dw = tl.zeros([64, BK], dtype=tl.float32)
-    b_dST = tl.zeros([64, 64], dtype=tl.float32)  # vn do^T
     b_dT = tl.zeros([64, 64], dtype=tl.float32)
     b_dbeta = tl.zeros([64], dtype=tl.float32)
-    b_dgl = tl.zeros([BK], dtype=tl.float32)  # sum of dh * h, by row
-    for i_v in tl.static_range(triton.cdiv(V, BV)):
+    for i_v in range(NV):
         cv = i_v * BV + tl.arange(0, BV)
         vm = valid[:, None] & (cv < V)[None, :]
-        sm = kmask[:, None] & (cv < V)[None, :]
-        state_at = ((i_c.to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :]
-        b_h = tl.load(h + state_at, mask=sm, other=0.0)
-        b_dh = tl.load(dh + state_at, mask=sm, other=0.0)
         at = (tok * HV + i_hv)[:, None] * V + cv[None, :]
-        b_u = tl.load(u + at, mask=vm, other=0.0)
+        b_dvn = tl.load(dvn + at, mask=vm, other=0.0)
         b_v = tl.load(v + at, mask=vm, other=0.0)
-        b_do = tl.load(do + at, mask=vm, other=0.0)
-        b_vn = (b_u.to(tl.float32) - tl.dot(b_w, b_h)).to(DT)
-        b_dvn = (scale * tl.dot(b_PT.to(DT), b_do) + tl.dot(b_kd, b_dh)).to(DT)
-        b_dq += tl.dot(b_do, tl.trans(b_h))
-        b_dST += tl.dot(b_vn, tl.trans(b_do))
-        b_dkh += tl.dot(b_vn, tl.trans(b_dh))
+        b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :],
+                      mask=kmask[:, None] & (cv < V)[None, :], other=0.0)
         b_dw -= tl.dot(b_dvn, tl.trans(b_h))
-        b_dXu = tl.dot(b_TT.to(DT), b_dvn)
+        b_dXu = tl.dot(b_TT, b_dvn)
         tl.store(dv + at, (b_dXu * b_beta[:, None]).to(dv.dtype.element_ty), mask=vm)
         b_dbeta += tl.sum(b_dXu * b_v.to(tl.float32), axis=1)
         b_dT += tl.dot(b_dvn, tl.trans((b_v * b_beta[:, None]).to(DT)))
-        b_dgl += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
-    # intra-chunk attention: dQK = scale dS * decay on i >= j, and its transpose
-    scratch = scratch + (i_c.to(tl.int64) * HV + i_hv) * 4096
-    b_dS = _transpose_via_scratch(b_dST, scratch)
-    b_dQK = tl.where(incl, scale * b_dS * decay, 0.0)
-    b_dQKT = tl.where(upper, scale * b_dST * decay_t, 0.0)
-    b_dq_out = scale * b_dq * b_e[:, None] + tl.dot(b_dQK.to(DT), b_k)
-    b_dk_out = tl.dot(b_dQKT.to(DT), b_q) + b_dkh * to_end[:, None]
-    b_qf = b_q.to(tl.float32)
-    b_kf = b_k.to(tl.float32)
-    b_Z = b_dQK * b_QK  # = scale dS * P: d gc_i gets its row sums, d gc_j loses its column sums
-    b_dgc = tl.sum(b_Z, axis=1) - tl.sum(b_Z, axis=0)
-    b_dgc += scale * tl.sum(b_dq * b_qf, axis=1) * b_e
-    leave = to_end * tl.sum(b_dkh * b_kf, axis=1)  # through (k * exp(gl - gc))^T vn
-    b_dgc -= leave
-    dgl = tl.exp(b_gl) * tl.sum(b_dgl, axis=0) + tl.sum(leave, axis=0)
-    # w = T diag(beta) (k * e)
+    b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+    b_e = tl.where(valid, tl.exp(b_gc), 0.0)
     b_bek = b_beta * b_e
-    b_dXw = tl.dot(b_TT.to(DT), b_dw.to(DT))
-    b_dk_out += b_dXw * b_bek[:, None]
-    b_dXw_k = tl.sum(b_dXw * b_kf, axis=1)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_dXw = tl.dot(b_TT, b_dw.to(DT))
+    b_dk = b_dXw * b_bek[:, None]
+    b_dXw_k = tl.sum(b_dXw * b_k.to(tl.float32), axis=1)
     b_dbeta += b_dXw_k * b_e
-    b_dgc += b_dXw_k * b_bek
+    b_dgc = b_dXw_k * b_bek
     b_dT += tl.dot(b_dw.to(DT), tl.trans((b_k * b_bek[:, None]).to(DT)))
-    # T = (I + A)^-1:  dA = -T^T dT T^T below the diagonal
-    b_TTf = b_TT.to(tl.float32)
-    b_dA = -tl.dot(tl.dot(b_TTf, b_dT, input_precision="tf32x3"), b_TTf, input_precision="tf32x3")
-    b_dA = tl.where(strict, b_dA, 0.0)
-    b_Gd = tl.where(strict, tl.dot(b_k, tl.trans(b_k)) * decay, 0.0)  # (k_i . k_j) exp(gc_i - gc_j)
-    b_dbeta += tl.sum(b_dA * b_Gd, axis=1)
-    b_Y = b_dA * b_Gd * b_beta[:, None]
+    strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
+    b_dA = -tl.dot(tl.dot(b_TT, b_dT.to(DT)).to(DT), b_TT)
+    b_dA = tl.where(strict, b_dA * tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    b_G = tl.dot(b_k, tl.trans(b_k))
+    b_dbeta += tl.sum(b_dA * b_G, axis=1)
+    b_E = b_dA * b_beta[:, None]  # the gradient of the Gram matrix k k^T
+    b_Y = b_E * b_G  # = dA * A
     b_dgc += tl.sum(b_Y, axis=1) - tl.sum(b_Y, axis=0)
-    b_E = b_dA * decay * b_beta[:, None]
-    b_Esym = b_E + _transpose_via_scratch(b_E, scratch)
-    b_dk_out += tl.dot(b_Esym.to(DT), b_k)
-    b_dgc += tl.where(r == last, dgl, 0.0)
+    b_E += _transpose_via_scratch(b_E, scratch + (i_c.to(tl.int64) * HV + i_hv) * 4096)
+    at_k = (tok * HV + i_hv)[:, None] * K + rk[None, :]
+    b_dk += tl.dot(b_E.to(DT), b_k) + tl.load(dk + at_k, mask=km, other=0.0).to(tl.float32)
+    tl.store(dk + at_k, b_dk.to(dk.dtype.element_ty), mask=km)
+    b_dgc += tl.load(dgc + tok * HV + i_hv, mask=valid, other=0.0)
     # g_t enters every gc_i with i >= t
-    b_dg = tl.sum(b_dgc, axis=0) - tl.cumsum(b_dgc, axis=0) + b_dgc
-    tl.store(dq + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dq_out.to(dq.dtype.element_ty), mask=km)
-    tl.store(dk + (tok * HV + i_hv)[:, None] * K + rk[None, :], b_dk_out.to(dk.dtype.element_ty), mask=km)
+    tl.store(dg + tok * HV + i_hv, tl.sum(b_dgc, axis=0) - tl.cumsum(b_dgc, axis=0) + b_dgc, mask=valid)
     tl.store(dbeta + tok * HV + i_hv, b_dbeta, mask=valid)
-    tl.store(dg + tok * HV + i_hv, b_dg, mask=valid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -513,13 +541,30 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _state_block(K: int, V: int) -> int:
-    """State columns per program: K x BV float32 state tiles of at most 128 x 64."""
-    return max(16, min(64, triton.next_power_of_2(V), 8192 // _pow2(K)))
+# Per kernel role: (state columns per program, warps, pipeline stages), for K = V = 128 on sm_90. Chosen from
+# compiles for sm_90 without a GPU (registers and spills: benchmarks/NOTES.md) and then timings; state column
+# blocks shrink for wider keys so that a program's K x columns float32 tile stays at 128 x 64.
+TUNING = {
+    "prepare": (64, 4, 1),  # _wy_prepare_kernel (the columns are u's)
+    "summary": (64, 8, 2),  # _fwd_scan_kernel, SUMMARY
+    "output": (32, 4, 2),  # _fwd_scan_kernel, OUTPUT
+    "states": (64, 8, 2),  # _fwd_scan_kernel, STORE_H (backward)
+    "combine": (64, 8, 1),  # _combine_kernel
+    "grad_summary": (32, 8, 2),  # _bwd_scan_kernel, SUMMARY
+    "grad_scan": (32, 8, 2),  # _bwd_scan_kernel, STORE_DH
+    "grads": (64, 8, 1),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
+}
 
 
-def _warps(elements: int) -> int:
-    return 4 if elements <= 8192 else 8
+def _tuned(role: str, K: int, V: int) -> tuple[int, int, int]:
+    columns, warps, stages = TUNING[role]
+    columns = max(16, min(columns, triton.next_power_of_2(V), columns * 128 // _pow2(K)))
+    return columns, warps, stages
+
+
+def _configs(warps: int, stages: int) -> list[tuple[int, int]]:
+    """The tuned (warps, stages), then fallbacks with fewer stages for GPUs with less shared memory."""
+    return [(warps, s) for s in range(stages, 0, -1)] + ([(4, 1)] if warps != 4 else [])
 
 
 _CONFIGS: dict = {}
@@ -527,7 +572,7 @@ _CONFIGS: dict = {}
 
 def _launch(kernel, grid, configs, *args, **constexprs):
     """Launch with the first (num_warps, num_stages) that fits the GPU's resources, remembered per shape."""
-    key = (kernel, args[0].dtype, tuple(sorted(constexprs.items())))
+    key = (kernel, args[0].dtype, tuple(sorted(constexprs.items())), tuple(configs))
     if key in _CONFIGS:
         num_warps, num_stages = _CONFIGS[key]
         kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
@@ -544,36 +589,35 @@ def _launch(kernel, grid, configs, *args, **constexprs):
     raise error
 
 
-def wy_prepare(k, v, g, beta, layout: Layout):
-    """gc (float32 [B, T, HV]), T = (I + A)^-1 ([B, T, HV, 64]), w ([B, T, HV, K]), u ([B, T, HV, V])."""
+def wy_prepare(k, v, g, beta, layout: Layout, store_T: bool):
+    """gc (float32 [B, T, HV]), T = (I + A)^-1 ([B, T, HV, 64] or None), w ([B, T, HV, K]), u ([B, T, HV, V])."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     gc = new_output((B, T, HV), torch.float32, k.device)
-    A_inv = new_output((B, T, HV, CHUNK), k.dtype, k.device)
+    A_inv = new_output((B, T, HV, CHUNK), k.dtype, k.device) if store_T else None
     w = new_output((B, T, HV, K), k.dtype, k.device)
     u = new_output((B, T, HV, V), k.dtype, k.device)
     BK = _pow2(K)
-    _launch(_wy_prepare_kernel, (layout.num_chunks, HV), [(_warps(64 * BK), 1), (4, 1)],
-            k, v, g, beta, gc, A_inv, w, u, layout.chunks, layout.seq_end,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=min(64, _pow2(V)))
+    BV, warps, stages = _tuned("prepare", K, V)
+    _launch(_wy_prepare_kernel, (layout.num_chunks, HV), _configs(warps if BK <= 128 else 8, stages),
+            k, v, g, beta, gc, A_inv if store_T else gc, w, u, layout.chunks, layout.seq_end,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), STORE_T=store_T,
+            PRECISION="tf32x3" if k.dtype == torch.float32 else "tf32")
     return gc, A_inv, w, u
-
-
-def _scan_configs(BK, BV):
-    warps = _warps(BK * BV)
-    return [(warps, 2), (warps, 1), (8, 1)]
 
 
 def forward_summary(k, w, u, gc, layout: Layout):
     """[M | E] of every segment: float32 [S, HV, K, K + V]."""
     B, T, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
-    BK, BV = _pow2(K), _state_block(K, V)
+    BK = _pow2(K)
+    BV, warps, stages = _tuned("summary", K, V)
     nbm = triton.cdiv(K, BV)
+    nb = nbm + triton.cdiv(V, BV)
     summary = new_output((layout.num_segs, HV, K, K + V), torch.float32, k.device)
-    _launch(_fwd_scan_kernel, (layout.num_segs, HV, nbm + triton.cdiv(V, BV)), _scan_configs(BK, BV),
-            k, k, w, u, gc, u, u, summary, summary, summary, layout.segs, 1.0,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NBM=nbm,
+    _launch(_fwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
+            k, k, w, u, gc, u, u, u, summary, summary, summary, layout.segs, 1.0,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, NBM=nbm,
             SUMMARY=True, OUTPUT=False, STORE_H=False, HAS_INIT=False, STORE_FINAL=False)
     return summary
 
@@ -582,13 +626,13 @@ def combine(summary, affine, init, layout: Layout, K: int, V: int, reverse: bool
     """Each segment's entering state (forward) or leaving-state gradient (reverse), float32 [S, HV, K, V]."""
     HV = summary.shape[1]
     BK = _pow2(K)
-    BV = _state_block(K, V)
+    BV, warps, stages = _tuned("combine", K, V)
     KB = min(BK, 64)
     seg_state = new_output((layout.num_segs, HV, K, V), torch.float32, summary.device)
     stride = affine.shape[-1]
     if not reverse:
         affine = affine[..., K:]  # E: the columns after M
-    _launch(_combine_kernel, (layout.num_seqs, HV, triton.cdiv(V, BV)), [(_warps(BK * max(BV, KB)), 1), (8, 1)],
+    _launch(_combine_kernel, (layout.num_seqs, HV, triton.cdiv(V, BV)), _configs(warps, stages),
             summary, affine, stride, init if init is not None else summary, seg_state, layout.seq_segs,
             HV=HV, K=K, V=V, BK=BK, BV=BV, KB=KB, REVERSE=reverse, HAS_INIT=init is not None)
     return seg_state
@@ -596,45 +640,53 @@ def combine(summary, affine, init, layout: Layout, K: int, V: int, reverse: bool
 
 def forward_scan(q, k, w, u, gc, seg_init, layout: Layout, scale: float, output: bool, store_h: bool,
                  output_final_state: bool, out_dtype):
-    """Outputs o [B, T, HV, V], chunk states h [NC, HV, K, V] (input dtype) and final states [N, HV, K, V]."""
+    """Outputs o [B, T, HV, V], chunk states h [NC, HV, K, V] with pseudo-values vn [B, T, HV, V] (input
+    dtype), and final states [N, HV, K, V]."""
     B, T, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
-    BK, BV = _pow2(K), _state_block(K, V)
+    BK = _pow2(K)
+    BV, warps, stages = _tuned("output" if output else "states", K, V)
     o = new_output((B, T, HV, V), out_dtype, k.device) if output else None
     h = new_output((layout.num_chunks, HV, K, V), k.dtype, k.device) if store_h else None
+    vn = new_output((B, T, HV, V), k.dtype, k.device) if store_h else None
     final = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if output_final_state else None
     dummy = gc
-    _launch(_fwd_scan_kernel, (layout.num_segs, HV, triton.cdiv(V, BV)), _scan_configs(BK, BV),
-            q, k, w, u, gc, o if output else dummy, h if store_h else dummy,
+    nb = triton.cdiv(V, BV)
+    _launch(_fwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
+            q, k, w, u, gc, o if output else dummy, h if store_h else dummy, vn if store_h else dummy,
             seg_init if seg_init is not None else dummy, dummy, final if output_final_state else dummy,
             layout.segs, scale,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NBM=0, SUMMARY=False, OUTPUT=output, STORE_H=store_h,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, NBM=0, SUMMARY=False, OUTPUT=output, STORE_H=store_h,
             HAS_INIT=seg_init is not None, STORE_FINAL=output_final_state)
-    return o, h, final
+    return o, (h, vn), final
 
 
 def backward_scan(q, k, w, gc, do, seg_dinit, layout: Layout, scale: float, summary: bool, want_dh0: bool):
-    """SUMMARY: G of every segment (float32 [S, HV, K, V]); otherwise (dh [NC, HV, K, V], dh0 [N, HV, K, V])."""
+    """SUMMARY: G of every segment (float32 [S, HV, K, V]); otherwise dh [NC, HV, K, V], dvn [B, T, HV, V] and
+    dh0 [N, HV, K, V] (or None)."""
     B, T, H, K = k.shape
     HV, V = do.shape[2], do.shape[3]
-    BK, BV = _pow2(K), _state_block(K, V)
+    BK = _pow2(K)
+    BV, warps, stages = _tuned("grad_summary" if summary else "grad_scan", K, V)
     dummy = gc
     gsum = new_output((layout.num_segs, HV, K, V), torch.float32, k.device) if summary else None
     dh = None if summary else new_output((layout.num_chunks, HV, K, V), k.dtype, k.device)
+    dvn = None if summary else new_output(do.shape, k.dtype, k.device)
     dh0 = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if want_dh0 and not summary else None
-    _launch(_bwd_scan_kernel, (layout.num_segs, HV, triton.cdiv(V, BV)), _scan_configs(BK, BV),
-            q, k, w, gc, do, dh if dh is not None else dummy,
+    nb = triton.cdiv(V, BV)
+    _launch(_bwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
+            q, k, w, gc, do, dh if dh is not None else dummy, dvn if dvn is not None else dummy,
             seg_dinit if seg_dinit is not None else dummy, gsum if summary else dummy,
             dh0 if dh0 is not None else dummy, layout.segs, scale,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, SUMMARY=summary, STORE_DH=not summary,
+            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, SUMMARY=summary, STORE_DH=not summary,
             HAS_INIT=seg_dinit is not None, STORE_DH0=dh0 is not None)
-    return gsum if summary else (dh, dh0)
+    return gsum if summary else (dh, dvn, dh0)
 
 
 def chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: Layout, output: bool = True):
     """o, final state, and what the backward keeps: each segment's entering state and the forward summary."""
     K, V = k.shape[-1], v.shape[-1]
-    gc, _, w, u = wy_prepare(k, v, g, beta, layout)
+    gc, _, w, u = wy_prepare(k, v, g, beta, layout, store_T=False)
     summary = None
     seg_init = initial_state
     if layout.segmented:
@@ -651,13 +703,14 @@ def chunk_backward(q, k, v, g, beta, scale, seg_init, summary, do, dht, layout: 
     """dq, dk [B, T, H, K] (float32 when value heads share key heads), dv, dbeta, dg, dh0."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout)
-    _, h, _ = forward_scan(q, k, w, u, gc, seg_init, layout, scale, False, True, False, v.dtype)
+    gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout, store_T=True)
+    _, (h, vn), _ = forward_scan(q, k, w, u, gc, seg_init, layout, scale, False, True, False, v.dtype)
+    del u
     seg_dinit = dht
     if layout.segmented:
         gsum = backward_scan(q, k, w, gc, do, None, layout, scale, summary=True, want_dh0=False)
         seg_dinit = combine(summary, gsum, dht, layout, K, V, reverse=True)
-    dh, dh0 = backward_scan(q, k, w, gc, do, seg_dinit, layout, scale, summary=False, want_dh0=want_dh0)
+    dh, dvn, dh0 = backward_scan(q, k, w, gc, do, seg_dinit, layout, scale, summary=False, want_dh0=want_dh0)
     grouped = HV != H
     qk_grad_dtype = torch.float32 if grouped else q.dtype
     dq = new_output((B, T, HV, K), qk_grad_dtype, q.device)
@@ -665,11 +718,14 @@ def chunk_backward(q, k, v, g, beta, scale, seg_init, summary, do, dht, layout: 
     dv = new_output((B, T, HV, V), v.dtype, q.device)
     dbeta = new_output((B, T, HV), torch.float32, q.device)
     dg = new_output((B, T, HV), torch.float32, q.device)
+    dgc = new_output((B, T, HV), torch.float32, q.device)
     scratch = torch.empty(layout.num_chunks * HV * CHUNK * CHUNK, dtype=torch.float32, device=q.device)
-    BK = _pow2(K)
-    _launch(_grads_kernel, (layout.num_chunks, HV), [(8, 1), (4, 1)],
-            q, k, v, w, u, gc, beta, A_inv, h, dh, do, dq, dk, dv, dbeta, dg, scratch, layout.chunks,
-            layout.seq_end, scale, H=H, HV=HV, K=K, V=V, BK=BK, BV=min(64, _pow2(V)))
+    BV, warps, stages = _tuned("grads", K, V)
+    sizes = dict(H=H, HV=HV, K=K, V=V, BK=_pow2(K), BV=BV, NV=triton.cdiv(V, BV))
+    _launch(_grads_qk_kernel, (layout.num_chunks, HV), _configs(warps, stages),
+            q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, layout.chunks, layout.seq_end, scale, **sizes)
+    _launch(_grads_wy_kernel, (layout.num_chunks, HV), _configs(warps, stages),
+            k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, **sizes)
     if grouped:
         dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
         dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
@@ -683,7 +739,8 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, segment_chunks):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
-        layout = build_layout(B, T, cu_seqlens, q.device, segment_chunks, HV * triton.cdiv(V, _state_block(K, V)))
+        programs = HV * triton.cdiv(V, _tuned("output", K, V)[0])  # per segment, in the output scan
+        layout = build_layout(B, T, cu_seqlens, q.device, segment_chunks, programs)
         o, final, seg_init, summary = chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout)
         ctx.save_for_backward(q, k, v, g, beta, seg_init, summary)
         ctx.layout, ctx.scale, ctx.has_initial_state = layout, scale, initial_state is not None
