@@ -109,37 +109,42 @@ SPEC = OpSpec(
 )
 
 
-def profile(T: int = 65536, segments=(None, 8, 32)) -> None:
-    """lctrain's fwd and fwd+bwd at one length for a few segment lengths (runtime only: no recompilation), a
-    cross-check of values and gradients against fla at T = 8192, and a per-kernel CUDA time table.
-    Run from benchmarks/:  python -m kernel_ops.gdn [T]"""
+def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, segments=(8, 16, 32), fla_T: int = 65536):
+    """For the GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a few segment lengths (runtime
+    only: no recompilation) and a per-kernel CUDA time table; lctrain against fla at T = 8192 (relative difference
+    of values and gradients); fla's times at fla_T. Each line is printed as soon as it is measured.
+    Run from benchmarks/:  python -m kernel_ops.gdn"""
     import os
 
     from harness import time_ms
 
     device, dtype = torch.device("cuda"), torch.bfloat16
-    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
     names = ["q", "k", "v", "g", "beta"]
+    print(f"on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+          f"{__import__('triton').__version__}", flush=True)
+
+    def timings(impl, T):
+        sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+        grads = [torch.randn_like(x["v"]) for x in sets]
+
+        def fwd(i):
+            return impl.forward(sets[i])
+
+        def fwd_bwd(i):
+            torch.autograd.grad(impl.forward(sets[i]), [sets[i][n] for n in names], grads[i])
+
+        return time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3), fwd_bwd
+
     lct = _lctrain()
-    grads = [torch.randn_like(x["v"]) for x in sets]
-
-    def fwd(i):
-        return lct.forward(sets[i])
-
-    def fwd_bwd(i):
-        torch.autograd.grad(lct.forward(sets[i]), [sets[i][n] for n in names], grads[i])
-
-    print(f"lctrain chunk_gated_delta_rule at T={T} on {torch.cuda.get_device_name()}: chunks per segment -> "
-          "fwd ms, fwd+bwd ms", flush=True)
+    for T in lengths:
+        f, fb, _ = timings(lct, T)
+        print(f"  lctrain T={T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
     for segment in segments:
-        if segment is None:
-            os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
-        else:
-            os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
-        f, fb = time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3)
-        print(f"  segment_chunks={segment or 'auto'}: {f:.3f} {fb:.3f}", flush=True)
+        os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
+        f, fb, _ = timings(lct, sweep_T)
+        print(f"  lctrain T={sweep_T} segment_chunks={segment}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
     os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
-
+    _, _, fwd_bwd = timings(lct, sweep_T)
     fwd_bwd(0)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -148,20 +153,23 @@ def profile(T: int = 65536, segments=(None, 8, 32)) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50), flush=True)
 
     fla = _fla()
-    if fla.unavailable is None:
-        x = make_inputs(8192, 7, device, dtype)
-        cot = torch.randn_like(x["v"])
-        results = []
-        for impl in (lct, fla):
-            o = impl.forward(x)
-            results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
-        diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                 for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
-        print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()},
-              flush=True)
+    if fla.unavailable is not None:
+        print("  fla:", fla.unavailable, flush=True)
+        return
+    x = make_inputs(8192, 7, device, dtype)
+    cot = torch.randn_like(x["v"])
+    results = []
+    for impl in (lct, fla):
+        o = impl.forward(x)
+        results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
+    diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+             for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
+    print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()}, flush=True)
+    f, fb, _ = timings(fla, fla_T)
+    print(f"  fla T={fla_T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
     import sys
 
-    profile(int(sys.argv[1]) if len(sys.argv) > 1 else 65536)
+    profile(*([int(a) for a in sys.argv[1:]],) if len(sys.argv) > 1 else ())
