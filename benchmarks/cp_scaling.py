@@ -5,7 +5,7 @@
     python benchmarks/cp_scaling.py --dry-run                 # CPU, gloo, tiny shapes: the same code paths
 
 Each phase is its own ``torchrun --nproc_per_node N`` launch of this file (``--worker PHASE``), so an out-of-memory
-or crash ends only that phase. Timings use a fixed count of steps on every rank (collectives stay in step), CUDA
+or crash ends only that phase (its log's tail goes into results.json). Timings use a fixed count of steps on every rank (collectives stay in step), CUDA
 events, median per rank; a group's step time is its slowest rank's.
 
   model    a training step's forward + backward (bf16, block activation checkpointing, chunked loss; no optimizer) of
@@ -29,6 +29,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -301,10 +302,10 @@ def run_worker(args) -> None:
 # parent: launches, collects, prints
 
 
-def launch(args, phase: str, tokens_per_gpu: int, out: pathlib.Path) -> dict:
+def launch(args, phase: str, tokens_per_gpu: int, logs: pathlib.Path) -> dict:
     """One torchrun launch of a phase; its result, or {"error": ...} with the log's tail."""
-    result = out / f"{phase}-{tokens_per_gpu}.json"
-    log = out / f"{phase}-{tokens_per_gpu}.log"
+    result = logs / f"{phase}-{tokens_per_gpu}.json"
+    log = logs / f"{phase}-{tokens_per_gpu}.log"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.gpus),
            str(pathlib.Path(__file__).resolve()), "--worker", phase, "--result", str(result),
@@ -379,7 +380,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens-per-gpu", type=int, default=None, help="longest phase stops here (default 2^20)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps per measurement (same on every rank)")
     parser.add_argument("--timeout", type=int, default=420, help="seconds per launch")
-    parser.add_argument("--out", default="cp_scaling", help="folder for results (JSON), logs and the table")
+    parser.add_argument("--out", default="cp_scaling", help="folder for results.json and table.txt (nothing else)")
+    parser.add_argument("--logs", help="folder for each launch's log and result (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], help="config override for the model, e.g. model.pattern=G-")
     parser.add_argument("--dry-run", action="store_true", help="CPU, gloo, tiny model and shapes")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -403,16 +405,18 @@ def main(argv=None) -> int:
         return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    logs = pathlib.Path(args.logs or tempfile.mkdtemp(prefix="cp_scaling_"))
+    logs.mkdir(parents=True, exist_ok=True)
     results: dict = {}
     for phase in ("model", "kernel"):
         if phase in phases:
-            results[phase] = launch(args, phase, args.tokens_per_gpu, out)
+            results[phase] = launch(args, phase, args.tokens_per_gpu, logs)
     if "longest" in phases:
         limit = args.max_tokens_per_gpu or (2 * args.tokens_per_gpu if args.dry_run else 2**20)
         results["longest"] = []
         tokens = args.tokens_per_gpu
         while tokens <= limit:
-            results["longest"].append(launch(args, "longest", tokens, out))
+            results["longest"].append(launch(args, "longest", tokens, logs))
             if "error" in results["longest"][-1]:
                 break
             tokens *= 2

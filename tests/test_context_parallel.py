@@ -353,32 +353,35 @@ def train_losses(config, run_dir, processes: int, overrides: list[str], env: dic
                             stderr=subprocess.STDOUT, text=True)
 
 
-def logged_losses(runs: dict[str, tuple[subprocess.Popen, pathlib.Path]]) -> dict[str, list[float]]:
-    """Wait for each run; the train/loss of every logged step from its metrics.jsonl."""
-    losses = {}
+def logged(runs: dict[str, tuple[subprocess.Popen, pathlib.Path]], key: str = "train/loss") -> dict[str, list[float]]:
+    """Wait for each run; ``key`` (train/loss, train/grad_norm) of every logged step from its metrics.jsonl."""
+    values = {}
     for name, (proc, run_dir) in runs.items():
-        out, _ = proc.communicate(timeout=900)
-        assert proc.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+        if proc.returncode is None:
+            out, _ = proc.communicate(timeout=900)
+            assert proc.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        losses[name] = [r["train/loss"] for r in records if "train/loss" in r]
-    return losses
+        values[name] = [r[key] for r in records if key in r]
+    return values
 
 
 @pytest.mark.slow
 def test_training_with_context_parallel_size_2_matches_one_process(tmp_path):
     """launch/train.py with parallel.context_parallel_size=2 (two processes, ZeRO-2) against one process: the
-    first step's loss within 1e-5 and ten steps' losses within 1e-4."""
+    first step's loss within 1e-5 and ten steps' losses within 1e-4. The gradient norms (before clipping) agree too:
+    Adam would hide a gradient off by a constant factor from the losses, not from the norms."""
     config = prepare_tiny_run(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)  # CPU tensors take the kernels' torch paths: the interpreter is too slow here
-    losses = logged_losses({  # the two runs share the 2 cores
-        "cp1": (train_losses(config, tmp_path / "cp1", 1, [], env), tmp_path / "cp1"),
-        "cp2": (train_losses(config, tmp_path / "cp2", 2, ["parallel.context_parallel_size=2"], env), tmp_path / "cp2")})
+    runs = {"cp1": (train_losses(config, tmp_path / "cp1", 1, [], env), tmp_path / "cp1"),  # the runs share 2 cores
+            "cp2": (train_losses(config, tmp_path / "cp2", 2, ["parallel.context_parallel_size=2"], env), tmp_path / "cp2")}
+    losses, norms = logged(runs), logged(runs, "train/grad_norm")
     single, split = losses["cp1"], losses["cp2"]
     assert len(single) == len(split) == 10
     assert abs(single[0] - split[0]) <= 1e-5, (single[0], split[0])
     assert max(abs(a - b) for a, b in zip(single, split)) <= 1e-4, list(zip(single, split))
     assert split[-1] < split[0]  # it trains
+    assert max(abs(a / b - 1) for a, b in zip(norms["cp1"], norms["cp2"])) <= 1e-4, list(zip(norms["cp1"], norms["cp2"]))
 
 
 @pytest.mark.slow
