@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pathlib
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -45,8 +46,11 @@ class LocalCluster:
         self.token_file = self.workdir / "auth_token"
         self.address = f"http://127.0.0.1:{JOB_SERVER_PORT}"  # the job server
         self.gcs_address = f"127.0.0.1:{GCS_PORT}"  # for ray.init / RAY_ADDRESS
-        bin_dir = str(pathlib.Path(sys.executable).parent)  # job entrypoints run `python`: this environment's
-        self.env = {**os.environ, **(env or {}), "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        # Job entrypoints run `python`: this interpreter, through a folder that holds nothing else (putting the
+        # environment's whole bin/ first would also swap tools such as ninja, whose two versions invalidate each
+        # other's builds of DeepSpeed's ops).
+        self.bin_dir = self.workdir / "bin"
+        self.env = {**os.environ, **(env or {}), "PATH": str(self.bin_dir) + os.pathsep + os.environ.get("PATH", ""),
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self._holder: subprocess.Popen | None = None
@@ -70,7 +74,10 @@ class LocalCluster:
         self.stop()
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.bin_dir.mkdir(parents=True, exist_ok=True)
+        python = self.bin_dir / "python"  # a script, not a link: a venv is recognised by the path it is started as
+        python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        python.chmod(0o755)
         self.token_file.write_text(secrets.token_hex(32))  # Ray's own token format: 256 random bits
         self.token_file.chmod(0o600)
         try:
@@ -93,17 +100,17 @@ class LocalCluster:
             raise
 
     def stop(self) -> None:
-        """Stop the cluster; bounded, and safe to call more than once."""
-        try:
-            if self._prefix or not self.isolated_network:
+        """Stop the cluster; bounded, and safe to call more than once. An isolated cluster ends with its namespace:
+        killing the namespace's first process kills every process in it (Ray's, and commands still running there)."""
+        if self._holder is not None:
+            self._holder.send_signal(signal.SIGKILL)
+            self._holder.wait(timeout=30)
+            self._holder, self._prefix = None, []
+        elif not self.isolated_network:
+            try:
                 self.run(RAY + ["stop", "--force"], timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            if self._holder is not None:  # the namespace's first process: killing it ends all the others
-                self._holder.send_signal(signal.SIGKILL)
-                self._holder.wait(timeout=30)
-                self._holder, self._prefix = None, []
+            except subprocess.TimeoutExpired:
+                pass
 
     def _enter_namespace(self) -> None:
         for tool in ("unshare", "nsenter", "ip"):

@@ -79,17 +79,27 @@ def absolute_paths(config: RunConfig, base: pathlib.Path) -> RunConfig:
     return config
 
 
-def _report_metrics(step: int, scalars: dict) -> None:
-    import ray.train
+class RayReports:
+    """TrainHooks that report to Ray Train on every rank: each checkpoint, with the metrics of the latest logged step.
 
-    ray.train.report({"step": step, **scalars})
+    Metrics go to Ray only with checkpoints: ``ray.train.report`` is a barrier of all workers whose result Ray's
+    controller collects once per health check (2 s), so a report per logged step would throttle training to that
+    pace; and Ray 2.60 keeps metrics only with checkpoints (``Result.metrics_dataframe``). Every logged step is in
+    TensorBoard and metrics.jsonl as with any launcher.
+    """
 
+    def __init__(self):
+        self.logged: dict = {}
 
-def _report_checkpoint(step: int, folder: pathlib.Path, scalars: dict) -> None:
-    import ray.train
+    def on_log(self, step: int, scalars: dict) -> None:
+        self.logged = {**scalars, "logged_step": step}
 
-    ray.train.report({"step": step, **scalars}, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
-                     checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
+    def on_checkpoint(self, step: int, folder: pathlib.Path, scalars: dict) -> None:
+        import ray.train
+
+        ray.train.report({**self.logged, **scalars, "step": step},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.NO_UPLOAD)
 
 
 def latest_checkpoint_state(run_dir: pathlib.Path) -> tuple | None:
@@ -109,7 +119,8 @@ def train_worker(loop_config: dict) -> None:
     config: RunConfig = loop_config["config"]
     if latest_checkpoint_state(pathlib.Path(config.run_dir)) != loop_config["checkpoint_at_job_start"]:
         config.checkpoint = dataclasses.replace(config.checkpoint, resume="auto")  # a restart after a checkpoint
-    train(config, TrainHooks(on_log=_report_metrics, on_checkpoint=_report_checkpoint))
+    reports = RayReports()
+    train(config, TrainHooks(on_log=reports.on_log, on_checkpoint=reports.on_checkpoint))
 
 
 def fit(config: RunConfig, scaling: Scaling):
