@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml setup.py
 demo: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lctrain demo --config configs/demo.yaml --run-dir $(RUN_DIR)
 
+# make ray-demo: the demo config as a Ray job (lctrain submit) on a local single-node cluster with token auth,
+# stopped at the end also on failure; prints how to open TensorBoard on the run (lctrain/ray/demo.py).
+.PHONY: ray-demo
+ray-demo: setup
+	$(BIN)/python -m lctrain.ray.demo --config configs/demo.yaml --run-dir runs/ray-demo
+
 test: setup
 	$(BIN)/python -m pytest -q -ra
 

@@ -158,6 +158,15 @@ def test_config_that_fails_on_the_cluster_fails_the_job_with_its_error(cluster, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_timeout_stops_the_job(cluster, prepared, tmp_path):
+    result = lctrain(cluster, "submit", *sets(*TINY, *prepared, f"run_dir={tmp_path / 'run'}", "train.steps=1000"),
+                     "--num-workers", "2", "--gpus-per-worker", "0", "--timeout", "3", timeout=120)
+    assert result.returncode == 124, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "did not finish within --timeout 3 s; it was stopped" in result.stderr
+    status = lctrain(cluster, "jobs", "status", job_id_of(result), timeout=60)
+    assert status.stdout.startswith(f"{job_id_of(result)}: STOPPED"), status.stdout + status.stderr
+
+
 def test_the_job_server_requires_the_token(cluster, tmp_path):
     unauthenticated = cluster.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{cluster.address}/api/jobs/"],
                                   timeout=30)

@@ -36,6 +36,11 @@ def dashboard_available() -> bool:
     return True
 
 
+def namespaces_available() -> bool:
+    """Whether ``isolated_network`` can work here: root, with unshare, nsenter and ip."""
+    return os.geteuid() == 0 and all(shutil.which(tool) for tool in ("unshare", "nsenter", "ip"))
+
+
 class LocalCluster:
     def __init__(self, workdir: pathlib.Path, num_cpus: int | None = None, num_gpus: int | None = None,
                  dashboard: bool = True, isolated_network: bool = False, env: dict[str, str] | None = None,
@@ -58,12 +63,13 @@ class LocalCluster:
 
     # -- commands that reach the cluster
     def run(self, cmd: list[str], timeout: float, env: dict[str, str] | None = None, cwd: pathlib.Path | None = None,
-            check: bool = False) -> subprocess.CompletedProcess:
-        """Run ``cmd`` where the cluster is reachable (inside its namespace when isolated), output captured."""
+            capture: bool = True) -> subprocess.CompletedProcess:
+        """Run ``cmd`` where the cluster is reachable (inside its namespace when isolated); its output is captured,
+        or with ``capture=False`` goes to this process's stdout/stderr."""
         cwd = pathlib.Path(cwd or os.getcwd()).absolute()
         prefix = self._prefix + [f"--wd={cwd}", "--"] if self._prefix else []
-        return subprocess.run(prefix + cmd, cwd=cwd, env={**self.env, **(env or {})}, capture_output=True, text=True,
-                              timeout=timeout, check=check)
+        return subprocess.run(prefix + cmd, cwd=cwd, env={**self.env, **(env or {})}, capture_output=capture,
+                              text=True, timeout=timeout)
 
     # -- lifetime
     def __enter__(self) -> LocalCluster:
@@ -113,11 +119,11 @@ class LocalCluster:
                 pass
 
     def _enter_namespace(self) -> None:
-        for tool in ("unshare", "nsenter", "ip"):
-            if shutil.which(tool) is None:
-                raise RuntimeError(f"isolated_network needs {tool!r} (util-linux / iproute2)")
+        if not namespaces_available():
+            raise RuntimeError("isolated_network needs root and unshare, nsenter (util-linux) and ip (iproute2)")
         self._holder = subprocess.Popen(["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child",
-                                         "sh", "-c", "ip link set lo up && exec sleep infinity"])
+                                         "sh", "-c", "ip link set lo up && exec sleep infinity"],
+                                        preexec_fn=_killed_with_parent)
         deadline = time.monotonic() + 10
         children = pathlib.Path(f"/proc/{self._holder.pid}/task/{self._holder.pid}/children")
         while time.monotonic() < deadline:
@@ -131,3 +137,11 @@ class LocalCluster:
                 break
             time.sleep(0.1)
         raise RuntimeError("could not set up the private network namespace (unshare needs root)")
+
+
+def _killed_with_parent() -> None:
+    """In the namespace's holder: die (and so end the cluster) when the process that started it dies, even by SIGKILL."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
