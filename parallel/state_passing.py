@@ -71,8 +71,7 @@ def run_recurrence(rec: Recurrence | ChainedRecurrence, layout) -> torch.Tensor:
 def carried_sequences(layout) -> torch.Tensor:
     """bool [N]: the local sequences that start from an entering state (the first of each continuing row)."""
     carried = torch.zeros(layout.cu_seqlens.numel() - 1, dtype=torch.bool, device=layout.cu_seqlens.device)
-    carried[layout.row_first_sequence[layout.continues]] = True
-    return carried
+    return carried.scatter(0, layout.row_first_sequence, layout.continues)  # rows never share a sequence
 
 
 def boundary_map(entry: EntryPass, layout) -> tuple[torch.Tensor, State]:

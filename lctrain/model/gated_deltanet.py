@@ -49,8 +49,8 @@ class GatedDeltaRecurrence:
 
     def entry_pass(self, layout, carried):
         key_dim, value_dim, value_heads = self.k.shape[-1], self.v.shape[-1], self.v.shape[2]
-        identity = torch.zeros(carried.numel(), value_heads, key_dim, key_dim, device=self.v.device, dtype=torch.float32)
-        identity[carried] = torch.eye(key_dim, device=self.v.device)
+        eye = torch.eye(key_dim, device=self.v.device).expand(carried.numel(), value_heads, key_dim, key_dim)
+        identity = torch.where(carried.view(-1, 1, 1, 1), eye, 0.0)
         zero_values = self.v.new_zeros(*self.v.shape[:-1], key_dim)
         if value_dim + key_dim <= MAX_HEAD_DIM:
             values = torch.cat([self.v, zero_values], -1)
