@@ -81,54 +81,33 @@ SPEC = OpSpec(
 )
 
 
-def profile(T: int = 65536) -> None:
-    """lctrain's fwd and fwd+bwd at one length under a few tuning variants, a cross-check against fla, and a
-    per-kernel CUDA time table.  Run from benchmarks/:  python -m kernel_ops.gsa [T]"""
+def profile(lengths=(8192, 32768, 65536, 131072)) -> None:
+    """lctrain alone (no peer to compile or autotune): fwd and fwd+bwd at each length, then a per-kernel CUDA time
+    table of one fwd+bwd at the last length.  Run from benchmarks/:  python -m kernel_ops.gsa [T ...]"""
     from harness import time_ms
 
-    import lctrain.kernels.gsa.chunk as chunk
-
     device, dtype = torch.device("cuda"), torch.bfloat16
-    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
     names = ["q", "k", "v", "s", "g"]
     lct = _lctrain()
-    grads = [torch.randn_like(x["v"]) for x in sets]
+    print(f"lctrain chunk_gsa on {torch.cuda.get_device_name()}: T, fwd ms, fwd+bwd ms", flush=True)
+    for T in lengths:
+        sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+        grads = [torch.randn_like(x["v"]) for x in sets]
 
-    def fwd(i):
-        return lct.forward(sets[i])
+        def fwd(i):
+            return lct.forward(sets[i])
 
-    def fwd_bwd(i):
-        torch.autograd.grad(lct.forward(sets[i]), [sets[i][n] for n in names], grads[i])
+        def fwd_bwd(i):
+            torch.autograd.grad(lct.forward(sets[i]), [sets[i][n] for n in names], grads[i])
 
-    print(f"lctrain chunk_gsa at T={T} on {torch.cuda.get_device_name()}: variant -> fwd ms, fwd+bwd ms", flush=True)
-    for output_warps, scan_warps, unit_chunks in [(8, 4, None), (8, 4, 16), (8, 4, 64), (4, 4, None), (8, 8, None)]:
-        chunk.OUTPUT_WARPS, chunk.SCAN_WARPS, chunk.UNIT_CHUNKS = output_warps, scan_warps, unit_chunks
-        f, fb = time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3)
-        print(f"  output_warps={output_warps} scan_warps={scan_warps} unit_chunks={unit_chunks}: "
-              f"{f:.3f} {fb:.3f}", flush=True)
-    chunk.OUTPUT_WARPS, chunk.SCAN_WARPS, chunk.UNIT_CHUNKS = 8, 4, None
-
-    fla = _fla()
-    if fla.unavailable is None:
-        x = make_inputs(8192, 7, device, dtype)
-        cot = torch.randn_like(x["v"])
-        results = []
-        for impl in (lct, fla):
-            o = impl.forward(x)
-            results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
-        diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-                 for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
-        print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()})
-
-    fwd_bwd(0)
-    torch.cuda.synchronize()
+        print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd_bwd(0)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=24, max_name_column_width=48))
 
 
 if __name__ == "__main__":
     import sys
 
-    profile(int(sys.argv[1]) if len(sys.argv) > 1 else 65536)
+    profile(tuple(int(t) for t in sys.argv[1:]) or (8192, 32768, 65536, 131072))

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 
 from ..common import new_output, use_triton
-from .chunk import ChunkGSAFunction, check_gsa_inputs, chunk_cumsum, float_state, make_plan, unit_initial_states
+from .chunk import (ChunkGSAFunction, check_gsa_inputs, chunk_cumsum, float_state, make_plan, slot_softmax,
+                    unit_initial_states)
 from .chunk_torch import gsa_chunk_torch
 
 
@@ -76,7 +77,7 @@ class FusedRecurrentGSAFunction(ChunkGSAFunction):
         else:
             bounds = cu_seqlens.to(device=q.device, dtype=torch.int64)
         scores, hk = recurrent_gla(q, k, s, g, scale, hk0, bounds, False, torch.float32)
-        p = torch.softmax(scores, dim=-1).to(q.dtype)
+        p = slot_softmax(scores, q.dtype)
         o, hv = recurrent_gla(p, s, v, g, 1.0, hv0, bounds, True, v.dtype)
         unit_init_k, unit_init_v = hk0, hv0
         ctx.plan = None

@@ -64,14 +64,17 @@ def test_fused_recurrent_gsa():
 
 @pytest.mark.parametrize("gate_on", ["key", "value"])
 def test_gated_linear_attention(gate_on):
+    """Shapes of GSA's passes (value gate: K x M state; key gate: M x V), so the compiled kernels are shared."""
     gen = torch.Generator(device="cuda").manual_seed(4)
     T = 8192
+    k_dim, v_dim = (M, V) if gate_on == "key" else (K, M)
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device="cuda")
 
-    x = {"q": randn(1, T, H, K).bfloat16(), "k": randn(1, T, H, K).bfloat16(), "v": randn(1, T, H, V).bfloat16(),
-         "g": (F.logsigmoid(randn(1, T, H, K if gate_on == "key" else V)) / 8), "h0": randn(1, H, K, V)}
+    x = {"q": randn(1, T, H, k_dim).bfloat16(), "k": randn(1, T, H, k_dim).bfloat16(),
+         "v": randn(1, T, H, v_dim).bfloat16(),
+         "g": (F.logsigmoid(randn(1, T, H, k_dim if gate_on == "key" else v_dim)) / 8), "h0": randn(1, H, k_dim, v_dim)}
 
     def op(fn):
         def run(q, k, v, g, h0):
@@ -85,14 +88,14 @@ def test_gated_linear_attention_scalar_decay():
     """Mamba2's use: one decay per head (float32) broadcast over K = N; bf16 q, k, v."""
     gen = torch.Generator(device="cuda").manual_seed(5)
     T = 4096
-    x = {"q": torch.randn(1, T, H, K, generator=gen, device="cuda").bfloat16(),
-         "k": torch.randn(1, T, H, K, generator=gen, device="cuda").bfloat16(),
+    x = {"q": torch.randn(1, T, H, M, generator=gen, device="cuda").bfloat16(),
+         "k": torch.randn(1, T, H, M, generator=gen, device="cuda").bfloat16(),
          "v": torch.randn(1, T, H, V, generator=gen, device="cuda").bfloat16(),
          "a": -F.softplus(torch.randn(1, T, H, generator=gen, device="cuda")) / 4}
 
     def op(fn):
         def run(q, k, v, a):
-            return fn(q, k, v, a[..., None].expand(1, T, H, K), scale=K ** -0.5, output_final_state=True)
+            return fn(q, k, v, a[..., None].expand(1, T, H, M), scale=M ** -0.5, output_final_state=True)
         return run
 
     print(compare_with_reference(op(chunk_gated_linear_attention), op(recurrent_gated_linear_attention), x, TOL))
