@@ -29,10 +29,13 @@ Three kernels, two trips through global memory per direction:
   3. ``_rows_idft_kernel``  y = (1/N) sum_{k1} W_{R1}^{-n1 k1} A'[k1] for n1 < R1/2 only (the first T >= outputs),
      written as the real GEMM  y = Mc Re A' + Ms Im A'  with c_{k1} = 2 for the conjugate pairs.
 
-DFT matrices and twiddles are built in the kernels from cos/sin of exact integer phases (k n mod R); the small
-rows-stage tables are built once per size in float64. Tensor-core operands are float32 (tf32 on GPUs, 10-bit
-mantissa: the relative error of a conv is about 1e-3; the CPU interpreter multiplies in exact float32); inputs may
-be bfloat16 or float32, every accumulation and every intermediate is float32.
+Sizes: N = max(2^13, next power of two >= 2T); the spectral tile R2 x R3 = 64 x 16 (M = 1024; 16 x 16 and 32 x 16
+below N = 2^15), R1 = N / M. Per complex element of the row buffer a transform costs 2 R1 real flops in the rows
+stage and 8 (R2 + R3) in the spectral stage. DFT matrices and twiddles are float32 tables built in float64 from
+exact integer phases (k n mod R). Tensor-core operands are float32 (tf32 on GPUs, 10-bit mantissa: a conv's relative
+error is about 1e-3; the CPU interpreter multiplies in exact float32); inputs may be bfloat16 or float32, every
+accumulation and every intermediate is float32. The memory traffic: with X the bytes of one float32 [T, C] signal,
+the forward moves 15 X (u, k read; two row buffers of 2 X written and read; y written) and the backward 25 X.
 """
 from __future__ import annotations
 
@@ -47,18 +50,24 @@ import triton.language as tl
 from ..common import new_output, use_triton
 
 MIN_FFT_SIZE = 1 << 13  # smallest N = R1 R2 R3 with every matrix dimension >= 16 (tl.dot's minimum)
-MAX_FFT_SIZE = 1 << 20  # T <= 524288; the rows stage's cost grows with R1 = N / 1024 beyond N = 2^17
-_TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (32, 32), 2048: (64, 32)}  # M -> (R2, R3)
+MAX_FFT_SIZE = 1 << 20  # T <= 524288; the rows stage's flops grow with R1 = N / 1024
+# M -> (R2, R3): R2 = 64 rows for the 4-warp wgmma tile (64 x 32 spills at 255 registers in the compiled SASS)
+_TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (64, 16)}
 
 
 @dataclasses.dataclass(frozen=True)
 class FFTPlan:
-    """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T)."""
+    """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
+
+    pipelined: software-pipeline the forward spectral loop (Triton stages = 2: the next item's tiles load into
+    shared memory during this one; 110 KB of it at 64 x 16). The backward kernel is never pipelined: its stage
+    buffers would pass the 227 KB an H100 block may hold."""
 
     n: int
     r1: int
     r2: int
     r3: int
+    pipelined: bool = False
 
     @property
     def m(self) -> int:
@@ -68,12 +77,18 @@ class FFTPlan:
     def half_rows(self) -> int:
         return self.r1 // 2
 
+    @property
+    def spectral_warps(self) -> int:
+        """16 rows of the [R2, R3] tile per warp. Triton lays out chained dots with all warps along the rows: fewer
+        than 16 rows per warp would compute every tensor-core product twice (or 4 times), as the SASS shows."""
+        return self.r2 // 16
 
-def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024) -> FFTPlan:
+
+def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelined: bool = False) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
-    ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256 .. 2048); ``fft_size`` forces N
-    (tests use it to exercise every plan at small T).
+    ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
+    forces N (tests use it to exercise every plan at small T); ``pipelined`` see FFTPlan.
     """
     n = fft_size or max(MIN_FFT_SIZE, 1 << max(0, (2 * length - 1).bit_length()))
     if n < 2 * length or n & (n - 1) or n < MIN_FFT_SIZE:
@@ -83,7 +98,7 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024) -> FFTP
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3)
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, pipelined=pipelined)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,200 +118,264 @@ def _rows_tables(r1: int, n: int, device: torch.device) -> tuple[torch.Tensor, .
     return tuple(t.to(device=device, dtype=torch.float32).contiguous() for t in tables)
 
 
+@functools.lru_cache(maxsize=None)
+def _spectral_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 tables of the spectral stage, computed in float64 (exact integer phases):
+
+    factors      F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] = W_M^{k2 n3}, back to back;
+    row twiddles [R1/2 + 1, 2, R2, R3] = W_N^{k1 (R3 n2 + n3)}.  (W_R = exp(-2 pi i / R); planes re, im.)
+    """
+    def unit(phase_numerator: torch.Tensor, r: int) -> torch.Tensor:
+        phase = 2 * math.pi * phase_numerator.remainder(r) / r
+        return torch.stack([torch.cos(phase), -torch.sin(phase)])
+
+    i2, i3 = torch.arange(r2, dtype=torch.float64), torch.arange(r3, dtype=torch.float64)
+    k1 = torch.arange(r1 // 2 + 1, dtype=torch.float64)
+    n23 = (i2[:, None] * r3 + i3[None, :]).flatten()
+    factors = torch.cat([unit(torch.outer(i2, i2), r2).flatten(), unit(torch.outer(i3, i3), r3).flatten(),
+                         unit(torch.outer(i2, i3), r2 * r3).flatten()])
+    rows = unit(torch.outer(k1, n23), n).transpose(0, 1)
+    return (factors.to(device=device, dtype=torch.float32).contiguous(),
+            rows.to(device=device, dtype=torch.float32).contiguous())
+
+
 # ----------------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _column_tile(tile, channels, M, J23: tl.constexpr, JC: tl.constexpr, CHANNEL_FASTEST: tl.constexpr):
-    """Columns of a rows-stage tile: J23 consecutive n23 times JC consecutive channels, flattened to J23 * JC.
-
-    CHANNEL_FASTEST orders the flat index channel-first (coalesced for the time-major [T, C] tensors) or
-    n23-first (for the channel-major rows buffer and k)."""
-    j = tl.arange(0, J23 * JC)
-    if CHANNEL_FASTEST:
-        n23_local, c_local = j // JC, j % JC
-    else:
-        n23_local, c_local = j % J23, j // J23
+def _tile_origin(tile, M, J23: tl.constexpr, JC: tl.constexpr):
+    """A rows-stage tile covers J23 consecutive n23 times JC consecutive channels: its first (n23, channel)."""
     n23_tiles = M // J23
-    n23 = (tile % n23_tiles) * J23 + n23_local
-    c = (tile // n23_tiles) * JC + c_local
-    return n23, c, c < channels
+    return (tile % n23_tiles) * J23, (tile // n23_tiles) * JC
+
+
+# The two rows kernels transpose on the way in: each loads its 3-D tile with the memory-contiguous axis last
+# (channels for a time-major [T, C] signal, n23 for the rows buffer and for [C, T] signals), then permutes and
+# flattens it into the matrix operand, whose columns are ordered as the kernel's output is contiguous. The
+# reordering rides on the operand's trip through shared memory; loads and stores both move whole sectors.
 
 
 @triton.jit
 def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, R1H,
-                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr,
-                     CHANNEL_FASTEST: tl.constexpr):
-    """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c."""
+                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+    """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c.
+
+    Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows buffer's contiguous axis)."""
     ROW_BLOCKS = R1H // BM
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
-    n23, c, col_ok = _column_tile(pid // ROW_BLOCKS, channels, M, J23, JC, CHANNEL_FASTEST)
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_in = n23_0 + tl.arange(0, J23)
+    if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
+        x_row = x_ptr + b.to(tl.int64) * stride_b + c_0.to(tl.int64) * stride_c
+        row_ok = n23_in * 0 + c_0 < channels  # (vector masks throughout: the interpreter rejects scalar ones)
+    else:  # [B, T, C] signal: a [BK, J23, JC] tile, contiguous along channels
+        c_in = c_0 + tl.arange(0, JC)
+        x_cols = x_ptr + b.to(tl.int64) * stride_b + c_in.to(tl.int64)[None, None, :] * stride_c
     k1 = row_block * BM + tl.arange(0, BM)
-    x_cols = x_ptr + b.to(tl.int64) * stride_b + c.to(tl.int64) * stride_c
-    acc_re = tl.zeros([BM, J23 * JC], dtype=tl.float32)
-    acc_im = tl.zeros([BM, J23 * JC], dtype=tl.float32)
-    nyquist = tl.zeros([J23 * JC], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
+    acc_re = tl.zeros([BM, JC * J23], dtype=tl.float32)
+    acc_im = tl.zeros([BM, JC * J23], dtype=tl.float32)
+    nyquist = tl.zeros([JC * J23], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
     for start in range(0, R1H, BK):
         n1 = start + tl.arange(0, BK)
-        t = n1[:, None] * M + n23[None, :]
-        x = tl.load(x_cols[None, :] + t.to(tl.int64) * stride_t, mask=(t < length) & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        if JC == 1:
+            t = n1[:, None] * M + n23_in[None, :]
+            x = tl.load(x_row + t.to(tl.int64) * stride_t, mask=(t < length) & row_ok[None, :], other=0.0)
+        else:
+            t = n1[:, None, None] * M + n23_in[None, :, None]
+            x = tl.load(x_cols + t.to(tl.int64) * stride_t, mask=(t < length) & (c_in < channels)[None, None, :],
+                        other=0.0)
+            x = tl.reshape(tl.permute(x, (0, 2, 1)), (BK, JC * J23))
+        x = x.to(tl.float32)
         table = k1[:, None] * R1H + n1[None, :]
         acc_re = tl.dot(tl.load(cos_ptr + table), x, acc_re)
         acc_im = tl.dot(tl.load(nsin_ptr + table), x, acc_im)
         nyquist += tl.sum(x * (1 - 2 * (n1 % 2)).to(tl.float32)[:, None], axis=0)
+    j = tl.arange(0, JC * J23)
+    n23 = n23_0 + j % J23
+    c = c_0 + j // J23
+    col_ok = c < channels
     row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
     out = row0[None, :] + k1[:, None] * (2 * M)
     tl.store(out, acc_re, mask=col_ok[None, :])
     tl.store(out + M, acc_im, mask=col_ok[None, :])
-    last = col_ok & (n23 * 0 + row_block == 0)  # (a vector mask: the interpreter rejects scalar & vector)
+    last = col_ok & (n23 * 0 + row_block == 0)
     tl.store(row0 + R1H * 2 * M, nyquist, mask=last)
     tl.store(row0 + R1H * 2 * M + M, tl.zeros_like(nyquist), mask=last)
 
 
 @triton.jit
 def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, R1H,
-                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr,
-                      CHANNEL_FASTEST: tl.constexpr):
-    """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2."""
+                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+    """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2.
+
+    Operand columns j = n23_local * JC + c_local (channel fastest: a time-major output's contiguous axis)."""
     ROW_BLOCKS = R1H // BM
+    SEQ = (R1H + 1) * 2 * M
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
-    n23, c, col_ok = _column_tile(pid // ROW_BLOCKS, channels, M, J23, JC, CHANNEL_FASTEST)
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_in = n23_0 + tl.arange(0, J23)
+    if JC == 1:  # one channel: [BK, J23] tiles of its rows
+        rows_in = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + n23_in[None, :]
+        in_ok = (n23_in * 0 + c_0 < channels)[None, :]
+    else:  # [BK, JC, J23] tiles, contiguous along n23, swapped to channel-fastest columns
+        c_in = c_0 + tl.arange(0, JC)
+        rows_in = rows_ptr + (b * channels + c_in).to(tl.int64)[None, :, None] * SEQ + n23_in[None, None, :]
+        in_ok = (c_in < channels)[None, :, None]
     n1 = row_block * BM + tl.arange(0, BM)
-    row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
     acc = tl.zeros([BM, J23 * JC], dtype=tl.float32)
     for start in range(0, R1H, BK):
         k1 = start + tl.arange(0, BK)
-        src = row0[None, :] + k1[:, None] * (2 * M)
-        a_re = tl.load(src, mask=col_ok[None, :], other=0.0)
-        a_im = tl.load(src + M, mask=col_ok[None, :], other=0.0)
+        if JC == 1:
+            src = rows_in + (k1 * (2 * M))[:, None]
+            a_re = tl.load(src, mask=in_ok, other=0.0)
+            a_im = tl.load(src + M, mask=in_ok, other=0.0)
+        else:
+            src = rows_in + (k1 * (2 * M))[:, None, None]
+            a_re = tl.reshape(tl.permute(tl.load(src, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
+            a_im = tl.reshape(tl.permute(tl.load(src + M, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
         table = n1[:, None] * R1H + k1[None, :]
         acc = tl.dot(tl.load(mc_ptr + table), a_re, acc)
         acc = tl.dot(tl.load(ms_ptr + table), a_im, acc)
-    nyquist = tl.load(row0 + R1H * 2 * M, mask=col_ok, other=0.0)
+    j = tl.arange(0, J23 * JC)
+    n23 = n23_0 + j // JC
+    c = c_0 + j % JC
+    col_ok = c < channels
+    nyquist = tl.load(rows_ptr + (b * channels + c).to(tl.int64) * SEQ + R1H * 2 * M + n23, mask=col_ok, other=0.0)
     acc += ((1 - 2 * (n1 % 2)).to(tl.float32) * (1.0 / N))[:, None] * nyquist[None, :]
     t = n1[:, None] * M + n23[None, :]
     dst = y_ptr + b.to(tl.int64) * stride_b + c.to(tl.int64)[None, :] * stride_c + t.to(tl.int64) * stride_t
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=(t < length) & col_ok[None, :])
 
 
-@triton.jit
-def _unit_phases(rows, cols, R):
-    """exp(-2 pi i (rows * cols mod R) / R) as (re, im): exact integer phases, so no error grows with R."""
-    phase = ((rows * cols) % R).to(tl.float32) * (6.283185307179586 / R)
-    return tl.cos(phase), -tl.sin(phase)
-
-
-# Complex products are written out (re, im) inline: the interpreter pays ~2 ms per call of a jitted helper.
+# The spectral kernels read their DFT matrices and twiddles from small float32 tables (computed in float64, L1/L2
+# resident) at each use instead of holding them: held in MMA operand layouts, the eight [32, 32] factors of a
+# row need ~200 registers per thread and spill.
 
 
 @triton.jit
-def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
-    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3]."""
-    xr = ar * twr - ai * twi
-    xi = ar * twi + ai * twr
-    br = tl.dot(f2r, xr, tl.dot(-f2i, xi))
-    bi = tl.dot(f2r, xi, tl.dot(f2i, xr))
-    cr = br * tir - bi * tii
-    ci = br * tii + bi * tir
-    return tl.dot(cr, f3r, tl.dot(ci, -f3i)), tl.dot(cr, f3i, tl.dot(ci, f3r))
+def _left_cdot(fr, fi, xr, xi, CONJ: tl.constexpr):
+    """(fr + i fi) @ (xr + i xi), or conj(f) @ x, as four real products (the Gauss three-product form, measured in
+    compiled SASS, spills at the wgmma tile shape)."""
+    if CONJ:
+        return tl.dot(fr, xr, tl.dot(fi, xi)), tl.dot(fr, xi) - tl.dot(fi, xr)
+    return tl.dot(fr, xr) - tl.dot(fi, xi), tl.dot(fr, xi, tl.dot(fi, xr))
 
 
 @triton.jit
-def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
+def _right_cdot(xr, xi, fr, fi, CONJ: tl.constexpr):
+    """x @ f, or x @ conj(f)."""
+    if CONJ:
+        return tl.dot(xr, fr, tl.dot(xi, fi)), tl.dot(xi, fr) - tl.dot(xr, fi)
+    return tl.dot(xr, fr) - tl.dot(xi, fi), tl.dot(xr, fi, tl.dot(xi, fr))
+
+
+@triton.jit
+def _row_spectrum(ar, ai, row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
+    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3].
+
+    tables: F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] (re, im planes) back to back."""
+    M: tl.constexpr = R2 * R3
+    i2 = tl.arange(0, R2)
+    i3 = tl.arange(0, R3)
+    tile = i2[:, None] * R3 + i3[None, :]
+    twr = tl.load(row_twiddle + tile)
+    twi = tl.load(row_twiddle + M + tile)
+    f2 = tables + i2[:, None] * R2 + i2[None, :]
+    br, bi = _left_cdot(tl.load(f2), tl.load(f2 + R2 * R2), ar * twr - ai * twi, ar * twi + ai * twr, False)
+    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
+    tir = tl.load(inner)
+    tii = tl.load(inner + M)
+    f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
+    return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, tl.load(f3), tl.load(f3 + R3 * R3), False)
+
+
+@triton.jit
+def _row_inverse(yr, yi, row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
     """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage."""
-    cr = tl.dot(yr, f3r, tl.dot(yi, f3i))
-    ci = tl.dot(yi, f3r, tl.dot(yr, -f3i))
-    br = cr * tir + ci * tii
-    bi = ci * tir - cr * tii
-    xr = tl.dot(f2r, br, tl.dot(f2i, bi))
-    xi = tl.dot(f2r, bi, tl.dot(-f2i, br))
+    M: tl.constexpr = R2 * R3
+    i2 = tl.arange(0, R2)
+    i3 = tl.arange(0, R3)
+    tile = i2[:, None] * R3 + i3[None, :]
+    f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
+    cr, ci = _right_cdot(yr, yi, tl.load(f3), tl.load(f3 + R3 * R3), True)
+    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
+    tir = tl.load(inner)
+    tii = tl.load(inner + M)
+    f2 = tables + i2[:, None] * R2 + i2[None, :]
+    xr, xi = _left_cdot(tl.load(f2), tl.load(f2 + R2 * R2), cr * tir + ci * tii, ci * tir - cr * tii, True)
+    twr = tl.load(row_twiddle + tile)
+    twi = tl.load(row_twiddle + M + tile)
     return xr * twr + xi * twi, xi * twr - xr * twi
 
 
-@triton.jit
-def _row_factors(k1, N, R2: tl.constexpr, R3: tl.constexpr):
-    """Row k1's twiddle W_N^{k1 n23}, the inner twiddle W_M^{k2 n3}, F_R2 and F_R3, each as (re, im)."""
-    i2 = tl.arange(0, R2)
-    i3 = tl.arange(0, R3)
-    twr, twi = _unit_phases(k1, i2[:, None] * R3 + i3[None, :], N)
-    tir, tii = _unit_phases(i2[:, None], i3[None, :], R2 * R3)
-    f2r, f2i = _unit_phases(i2[:, None], i2[None, :], R2)
-    f3r, f3i = _unit_phases(i3[:, None], i3[None, :], R3)
-    return twr, twi, f2r, f2i, tir, tii, f3r, f3i
+# The spectral kernels walk one flat loop over their (channel, batch) items, b fastest, so that Triton's pipeliner
+# can prefetch the next item's tiles while the current one is on the tensor cores (a nested loop over channels and
+# batch rows never pipelines at B = 1). K's spectrum is recomputed for every item: free at B = 1, the usual case.
 
 
 @triton.jit
-def _spectral_product_kernel(u_rows, k_rows, batch, channels, batch_stride, channels_per_program, N, SEQ,
+def _spectral_product_kernel(u_rows, k_rows, tables, row_twiddles, batch, channels, items_per_program, SEQ,
                              R2: tl.constexpr, R3: tl.constexpr):
     """Row k1 of every (b, c): u_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])), in place."""
     M: tl.constexpr = R2 * R3
     k1 = tl.program_id(0)
-    c_lo = tl.program_id(1) * channels_per_program
-    c_hi = tl.minimum(c_lo + channels_per_program, channels)
-    twr, twi, f2r, f2i, tir, tii, f3r, f3i = _row_factors(k1, N, R2, R3)
+    first = tl.program_id(1) * items_per_program
+    last = tl.minimum(first + items_per_program, batch * channels)
+    twiddle = row_twiddles + k1 * (2 * M)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
-    row = c_lo.to(tl.int64) * SEQ + k1 * (2 * M) + tile  # pointers advance by steps < 2^31: no int32 overflow
-    kp = k_rows + row
-    uc = u_rows + row
-    for _ in range(c_lo, c_hi):
-        kr, ki = _row_spectrum(tl.load(kp), tl.load(kp + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-        up = uc
-        for _ in range(batch):
-            ur, ui = _row_spectrum(tl.load(up), tl.load(up + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-            yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-            tl.store(up, yr)
-            tl.store(up + M, yi)
-            up += batch_stride
-        kp += SEQ
-        uc += SEQ
+    row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)  # int64 offsets: B C SEQ may pass 2^31
+    for item in range(first, last):
+        c = item // batch
+        k_row = k_rows + (row + c * SEQ)
+        u_row = u_rows + (row + ((item % batch) * channels + c) * SEQ)
+        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), twiddle, tables, R2, R3)
+        ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), twiddle, tables, R2, R3)
+        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, twiddle, tables, R2, R3)
+        tl.store(u_row + tile, yr)
+        tl.store(u_row + M + tile, yi)
 
 
 @triton.jit
-def _spectral_grad_kernel(dy_rows, u_rows, k_rows, batch, channels, batch_stride, channels_per_program, N, SEQ,
+def _spectral_grad_kernel(dy_rows, u_rows, k_rows, tables, row_twiddles, batch, channels, items_per_program, SEQ,
                           R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr, NEED_DK: tl.constexpr):
-    """Row k1: dy_rows <- IDFT2(DY conj(K)) (du), k_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk), in place."""
+    """Row k1: dy_rows <- IDFT2(DY conj(K)) (du), k_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk), in place.
+
+    A program's items cover whole channels (items_per_program is a multiple of batch)."""
     M: tl.constexpr = R2 * R3
     k1 = tl.program_id(0)
-    c_lo = tl.program_id(1) * channels_per_program
-    c_hi = tl.minimum(c_lo + channels_per_program, channels)
-    twr, twi, f2r, f2i, tir, tii, f3r, f3i = _row_factors(k1, N, R2, R3)
+    first = tl.program_id(1) * items_per_program
+    last = tl.minimum(first + items_per_program, batch * channels)
+    twiddle = row_twiddles + k1 * (2 * M)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
-    row = c_lo.to(tl.int64) * SEQ + k1 * (2 * M) + tile
-    kp = k_rows + row
-    dyc = dy_rows + row
-    uc = u_rows + row
-    for _ in range(c_lo, c_hi):
-        if NEED_DU:
-            kr, ki = _row_spectrum(tl.load(kp), tl.load(kp + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-        dkr = tl.zeros([R2, R3], dtype=tl.float32)
-        dki = tl.zeros([R2, R3], dtype=tl.float32)
-        dp = dyc
-        up = uc
-        for _ in range(batch):
-            gr, gi = _row_spectrum(tl.load(dp), tl.load(dp + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-            if NEED_DU:
-                dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki,  # DY conj(K)
-                                         twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-                tl.store(dp, dur)
-                tl.store(dp + M, dui)
-            if NEED_DK:
-                ur, ui = _row_spectrum(tl.load(up), tl.load(up + M), twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-                dkr += gr * ur + gi * ui  # DY conj(U)
-                dki += gi * ur - gr * ui
-            dp += batch_stride
-            up += batch_stride
-        if NEED_DK:
-            dkr, dki = _row_inverse(dkr, dki, twr, twi, f2r, f2i, tir, tii, f3r, f3i)
-            tl.store(kp, dkr)
-            tl.store(kp + M, dki)
-        kp += SEQ
-        dyc += SEQ
-        uc += SEQ
+    row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)
+    dkr = tl.zeros([R2, R3], dtype=tl.float32)
+    dki = tl.zeros([R2, R3], dtype=tl.float32)
+    for item in range(first, last):
+        c = item // batch
+        b = item % batch
+        k_row = k_rows + (row + c * SEQ)
+        dy_row = dy_rows + (row + (b * channels + c) * SEQ)
+        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), twiddle, tables, R2, R3)
+        if NEED_DU:  # DY conj(K)
+            kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), twiddle, tables, R2, R3)
+            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, twiddle, tables, R2, R3)
+            tl.store(dy_row + tile, dur)
+            tl.store(dy_row + M + tile, dui)
+        if NEED_DK:  # sum_b DY conj(U), written into k's row once the channel's last batch row is in
+            u_row = u_rows + (row + (b * channels + c) * SEQ)
+            ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), twiddle, tables, R2, R3)
+            dkr += gr * ur + gi * ui
+            dki += gi * ur - gr * ui
+            if b == batch - 1:
+                outr, outi = _row_inverse(dkr, dki, twiddle, tables, R2, R3)
+                tl.store(k_row + tile, outr)
+                tl.store(k_row + M + tile, outi)
+                dkr = tl.zeros([R2, R3], dtype=tl.float32)
+                dki = tl.zeros([R2, R3], dtype=tl.float32)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -333,15 +412,16 @@ _INTERPRETER_TILE_COLUMNS = 4096  # few, wide programs: the interpreter pays per
 def _rows_launch(signal: _Signal, plan: FFTPlan):
     """Grid and tile constants shared by the two rows kernels.
 
-    On GPUs a tile is 128 columns: 8 consecutive n23 (one 32-byte sector of a row) times 16 channels (64 bytes of a
-    time-major [T, C] row), or 128 consecutive n23 of one channel for channel-major signals.
+    On GPUs a tile is 64 columns: 8 consecutive n23 (one 32-byte sector of a rows-buffer row) times 8 channels (one
+    sector of a time-major [T, C] row), or 64 consecutive n23 of one channel for channel-major signals. (128-column
+    tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 92-126: two.)
     """
-    columns = 128 if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 16)
-    j23, jc = (columns // 16, 16) if signal.time_major else (min(columns, plan.m), 1)
+    columns = 64 if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 8)
+    j23, jc = (columns // 8, 8) if signal.time_major else (min(columns, plan.m), 1)
     bm = bk = min(plan.half_rows, 64)
     tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
     grid = (tiles * (plan.half_rows // bm), signal.batch)
-    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, CHANNEL_FASTEST=signal.time_major, num_warps=8)
+    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
     return grid, meta
 
 
@@ -364,29 +444,33 @@ def rows_idft(rows: torch.Tensor, out: _Signal, plan: FFTPlan) -> None:
                             out.stride_c, plan.n, plan.m, plan.half_rows, **meta)
 
 
-def _spectral_grid(plan: FFTPlan, channels: int, device: torch.device) -> tuple[tuple[int, int], int]:
-    """Groups of channels per program: enough programs to fill the GPU, few large ones under the interpreter."""
+def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.device) -> tuple[tuple[int, int], int]:
+    """Items (channel, batch row) per program, whole channels: enough programs to fill the GPU, few large ones
+    under the interpreter."""
     rows = plan.half_rows + 1
     if device.type == "cuda":
         target = 8 * torch.cuda.get_device_properties(device).multi_processor_count
         per_program = max(1, min(16, channels * rows // target))
     else:
         per_program = channels
-    return (rows, triton.cdiv(channels, per_program)), per_program
+    items = per_program * batch
+    return (rows, triton.cdiv(batch * channels, items)), items
 
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan):
-    grid, per_program = _spectral_grid(plan, channels, u_rows.device)
-    _spectral_product_kernel[grid](u_rows, k_rows, batch, channels, u_rows[0].numel() * channels, per_program,
-                                   plan.n, u_rows[0].numel(), R2=plan.r2, R3=plan.r3, num_warps=4)
+    grid, items = _spectral_grid(plan, batch, channels, u_rows.device)
+    tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, u_rows.device)
+    _spectral_product_kernel[grid](u_rows, k_rows, tables, row_twiddles, batch, channels, items, u_rows[0].numel(),
+                                   R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps,
+                                   num_stages=2 if plan.pipelined else 1)
 
 
 def spectral_grad(dy_rows, u_rows, k_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool, need_dk: bool):
-    grid, per_program = _spectral_grid(plan, channels, dy_rows.device)
-    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, batch, channels,
-                                dy_rows[0].numel() * channels, per_program, plan.n, dy_rows[0].numel(),
-                                R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
-                                NEED_DK=need_dk, num_warps=4)
+    grid, items = _spectral_grid(plan, batch, channels, dy_rows.device)
+    tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, dy_rows.device)
+    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, tables, row_twiddles, batch,
+                                channels, items, dy_rows[0].numel(), R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
+                                NEED_DK=need_dk, num_warps=plan.spectral_warps, num_stages=1)
 
 
 class CausalFFTConvFunction(torch.autograd.Function):

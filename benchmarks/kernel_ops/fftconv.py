@@ -1,0 +1,123 @@
+"""causal_fft_conv (lctrain's Triton FFT convolution) vs the torch.fft path (rfft, multiply, irfft).
+
+Shapes of issue 5: B = 1, C = 2048 channels, T = 8k .. 131k, u [1, T, C], k [C, T]. Both impls take float32 inputs
+(the harness's dtype is not used: the issue states the baseline in float32): torch.fft computes in float32 (cuFFT);
+lctrain keeps float32 intermediates and multiplies on tensor cores in tf32. ``SPEC_BF16`` is the same with bfloat16
+u and k (lctrain reads and writes bf16; torch.fft upcasts to float32 inside the timed region).
+
+Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually runs), per channel, N = 2T:
+  a real FFT of N points = 2.5 N log2 N flops; a spectral product = 6 flops on each of N / 2 bins;
+  fwd: FFT(u), FFT(k), IFFT(y) + 1 product;  bwd: FFT(dy), FFT(u), FFT(k), IFFT(du), IFFT(dk) + 2 products.
+Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
+
+``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (the
+spectral tile R2 x R3, hence R1 = N / (R2 R3); a software-pipelined forward spectral loop) and the stages of the default one, on the same GPU.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kernel_ops import Impl, OpSpec
+from lctrain.kernels.ssm_fft import causal_fft_conv, causal_fft_conv_torch
+from lctrain.kernels.ssm_fft import fftconv as triton_fftconv
+
+CHANNELS = 2048
+
+
+def _make_inputs(dtype: torch.dtype):
+    def make_inputs(T: int, seed: int, device: torch.device, _harness_dtype: torch.dtype) -> dict:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        channels = CHANNELS if device.type == "cuda" else 4
+        u = torch.randn(1, T, channels, generator=gen, device=device).to(dtype).requires_grad_()
+        k = (torch.randn(channels, T, generator=gen, device=device) / math.sqrt(T)).to(dtype).requires_grad_()
+        return {"u": u, "k": k}
+
+    return make_inputs
+
+
+def _cost(element_bytes: int):
+    def cost(T: int) -> tuple[float, float, float, float]:
+        n = 2 * T
+        fft = 2.5 * n * math.log2(n) * CHANNELS
+        product = 6 * (n / 2) * CHANNELS
+        tensor = T * CHANNELS * element_bytes
+        return 3 * fft + product, 3 * tensor, 5 * fft + 2 * product, 5 * tensor
+
+    return cost
+
+
+def _impls() -> list[Impl]:
+    return [Impl("torch.fft", lambda x: causal_fft_conv_torch(x["u"], x["k"])),
+            Impl("lctrain", lambda x: causal_fft_conv(x["u"], x["k"]))]
+
+
+SPEC = OpSpec(name="fftconv", lengths=[8192, 32768, 65536, 131072], tiny_lengths=[64],
+              make_inputs=_make_inputs(torch.float32), cost=_cost(4), impls=_impls, baseline="torch.fft")
+SPEC_BF16 = OpSpec(name="fftconv", lengths=SPEC.lengths, tiny_lengths=SPEC.tiny_lengths,
+                   make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft")
+
+# Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
+VARIANTS = {"tile 16x16": dict(tile=256), "tile 32x16": dict(tile=512), "pipelined": dict(pipelined=True)}
+
+
+def _variant_impls() -> list[Impl]:
+    def variant(options):
+        def forward(x):
+            plan = triton_fftconv.fft_plan(x["u"].shape[1], **options)
+            return triton_fftconv.CausalFFTConvFunction.apply(x["u"], x["k"], plan, None)
+
+        return forward
+
+    return [Impl("lctrain", lambda x: causal_fft_conv(x["u"], x["k"]))] + [
+        Impl(f"lctrain {name}", variant(options)) for name, options in VARIANTS.items()]
+
+
+def _stage_times(T: int, device: torch.device) -> list[str]:
+    """Milliseconds of each kernel of the default plan, fwd and bwd (float32 inputs)."""
+    from harness import time_ms
+
+    x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
+    u, k = x["u"].detach(), x["k"].detach()
+    plan = triton_fftconv.fft_plan(T)
+    S = triton_fftconv._Signal
+    u_rows = triton_fftconv.rows_dft(S.time_major_of(u), plan)
+    k_rows = triton_fftconv.rows_dft(S.channel_major_of(k), plan)
+    dy_rows = u_rows.clone()
+    y = torch.empty_like(u)
+    dk = torch.empty_like(k)
+    stages = {
+        "rows_dft u [T, C]": lambda i: triton_fftconv.rows_dft(S.time_major_of(u), plan),
+        "rows_dft k [C, T]": lambda i: triton_fftconv.rows_dft(S.channel_major_of(k), plan),
+        "spectral product": lambda i: triton_fftconv.spectral_product(u_rows, k_rows, 1, u.shape[2], plan),
+        "spectral grad (du, dk)": lambda i: triton_fftconv.spectral_grad(dy_rows, u_rows, k_rows, 1, u.shape[2],
+                                                                         plan, True, True),
+        "rows_idft y [T, C]": lambda i: triton_fftconv.rows_idft(u_rows, S.time_major_of(y), plan),
+        "rows_idft dk [C, T]": lambda i: triton_fftconv.rows_idft(k_rows, S.channel_major_of(dk), plan),
+    }
+    return [f"  {name:24} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from harness import measure_ceilings, print_table
+    from kernels import benchmark
+
+    parser = argparse.ArgumentParser(description="tuning variants and stage times of lctrain's FFT convolution")
+    parser.add_argument("--T", type=int, default=65536)
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    variants = OpSpec(name="fftconv", lengths=[args.T], tiny_lengths=[], make_inputs=SPEC.make_inputs,
+                      cost=SPEC.cost, impls=_variant_impls, baseline="lctrain")
+    rows = benchmark(variants, [args.T], device, torch.float32, reps=20)
+    print_table(rows, measure_ceilings(), f"== fftconv tuning variants on {torch.cuda.get_device_name()}, "
+                                         f"float32 inputs", baseline_impl="lctrain")
+    print(f"stages of the default plan {triton_fftconv.fft_plan(args.T)} at T={args.T}, C={CHANNELS}:")
+    print("\n".join(_stage_times(args.T, device)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

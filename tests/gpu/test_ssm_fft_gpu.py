@@ -1,0 +1,57 @@
+"""ssm_fft on a CUDA GPU: bf16 and float32 inputs against float64 up to T = 131072 (run through the device tool).
+
+The oracle is the direct float64 sum where it is affordable (T <= 1000) and the float64 torch.fft path beyond it
+(itself checked against the direct sum on CPU by tests/test_ssm_fft.py)."""
+import pytest
+import torch
+
+from kernel_checks import compare_with_reference
+from lctrain.kernels.ssm_fft import causal_fft_conv, causal_fft_conv_torch, s4d_ssm
+from lctrain.kernels.ssm_fft.reference import causal_conv_reference, s4d_ssm_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def conv_inputs(batch, length, channels, taps, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    u = torch.randn(batch, length, channels, generator=gen, device="cuda")
+    k = torch.randn(channels, taps, generator=gen, device="cuda") / taps**0.5
+    return {"u": u.to(dtype), "k": k.to(dtype)}
+
+
+@pytest.mark.parametrize("batch,length,channels,taps", [(2, 1, 16, 1), (2, 333, 40, 333), (1, 1000, 24, 517)])
+def test_causal_fft_conv_bf16_vs_direct_sum(batch, length, channels, taps):
+    compare_with_reference(causal_fft_conv, causal_conv_reference,
+                           conv_inputs(batch, length, channels, taps, torch.bfloat16), 1e-2)
+
+
+@pytest.mark.parametrize("batch,length,channels", [(2, 8192, 64), (1, 32769, 64), (1, 65536, 128),
+                                                   (1, 131072, 128)])
+def test_causal_fft_conv_bf16_long(batch, length, channels):
+    compare_with_reference(causal_fft_conv, causal_fft_conv_torch,
+                           conv_inputs(batch, length, channels, length, torch.bfloat16), 1e-2)
+
+
+def test_causal_fft_conv_float32_benchmark_shape():
+    """The benchmark's shape (C = 2048, T = 65536) in float32: tf32 products keep the error near 1e-3."""
+    errors = compare_with_reference(causal_fft_conv, causal_fft_conv_torch,
+                                     conv_inputs(1, 65536, 2048, 65536, torch.float32), 5e-3)
+    print("float32, T=65536, C=2048:", errors)
+
+
+def test_s4d_ssm_documents_bf16():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    H, N = 32, 16
+    params = {"log_dt": torch.empty(H, device="cuda").uniform_(-5, -2, generator=gen),
+              "A_real_log": torch.log(torch.rand(H, N, generator=gen, device="cuda") * 0.5 + 0.01),
+              "A_imag": torch.randn(H, N, generator=gen, device="cuda") * 3,
+              "B": torch.randn(H, N, 2, generator=gen, device="cuda"),
+              "C": torch.randn(H, N, 2, generator=gen, device="cuda") / N**0.5}
+    cu_seqlens = torch.tensor([0, 300, 301, 900, 1500], device="cuda")
+    inputs = dict(u=torch.randn(1, 1500, H, generator=gen, device="cuda").to(torch.bfloat16), **params,
+                  initial_state=torch.randn(4, H, N, 2, generator=gen, device="cuda"))
+
+    def run(ssm):
+        return lambda **x: ssm(**x, output_final_state=True, cu_seqlens=cu_seqlens)
+
+    compare_with_reference(run(s4d_ssm), run(s4d_ssm_reference), inputs, 1e-2)
