@@ -191,12 +191,13 @@ def _check_layer(setting: Setting, name, module, group, rank, size, errors):
     """Outputs, input gradients and parameter gradients of the mixer ``module`` (x [1, L, D], layout) -> [1, L, D]
     on this rank's slice against the single-process run of the whole batch."""
     from lctrain.model.layout import layout_from_cu_seqlens
+    from lctrain.model.short_conv import ShortConv
 
     device, dtype = torch.device(setting.device), getattr(torch, setting.dtype)
     module.to(device, dtype)
     rows, seq_len, cu = setting.rows, setting.seq_len, torch.tensor(setting.cu_seqlens, device=device)
     generator = torch.Generator().manual_seed(5)
-    width = module.weight.shape[0] if name == "conv" else module.config.hidden_size
+    width = module.weight.shape[0] if isinstance(module, ShortConv) else module.config.hidden_size
     x = torch.randn(rows, seq_len, width, generator=generator).to(device, dtype)
     cotangent = torch.randn(rows, seq_len, width, generator=generator).to(device, dtype)
     n = seq_len // size
@@ -244,17 +245,18 @@ def _check_model(setting: Setting, pattern, group, errors):
     totals = _sum_over(group, {"loss": loss.detach().clone(), "count": count.clone()})
     if int(totals["count"]) != int(count_full):
         errors.append(f"model {pattern}: {int(totals['count'])} labelled tokens over the ranks, {int(count_full)} in one")
-    _close(setting, f"model {pattern} loss", totals["loss"] / count_full, loss_full.detach() / count_full, errors)
+    name = f"[{setting.dtype}] model {pattern}"
+    _close(setting, f"{name} loss", totals["loss"] / count_full, loss_full.detach() / count_full, errors)
     for p in grads_full:
-        _close(setting, f"model {pattern} gradient of {p}", grads[p], grads_full[p], errors)
+        _close(setting, f"{name} gradient of {p}", grads[p], grads_full[p], errors)
 
 
-def _worker(rank: int, size: int, port: int, cases: list[tuple[str, list[str], bool]], setting: Setting) -> None:
+def _worker(rank: int, size: int, port: int, checks: list[tuple[list, Setting]]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(size),
                       LOCAL_RANK=str(rank))
-    on_cpu = setting.device == "cpu"
+    on_cpu = all(setting.device == "cpu" for _, setting in checks)
     if on_cpu:  # kernels are defined for the interpreter if any case runs them (before triton loads them)
-        os.environ["TRITON_INTERPRET"] = "1" if any(c[2] for c in cases) else "0"
+        os.environ["TRITON_INTERPRET"] = "1" if any(c[2] for cases, _ in checks for c in cases) else "0"
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
@@ -266,27 +268,29 @@ def _worker(rank: int, size: int, port: int, cases: list[tuple[str, list[str], b
     group = parallel_state.get_context_parallel_group()
     errors: list[str] = []
     try:
-        for case, overrides, interpreted in cases:
-            if on_cpu:  # CPU tensors run the Triton kernels only under the interpreter, else the torch paths
-                os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
-            torch.manual_seed(0)
-            if case == "conv":
-                _check_layer(setting, case, ShortConv(24, 4), group, rank, size, errors)
-            elif case.startswith("model:"):
-                _check_model(setting, case.split(":", 1)[1], group, errors)
-            else:
-                config = setting.config("model.pattern=" + case, *overrides)
-                mixer = Sublayer(transformer_config(config.model), config.model, case).mixer
-                _check_layer(setting, " ".join([case, *overrides]), mixer, group, rank, size, errors)
+        for cases, setting in checks:
+            for case, overrides, interpreted in cases:
+                if on_cpu:  # CPU tensors run the Triton kernels only under the interpreter, else the torch paths
+                    os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
+                torch.manual_seed(0)
+                name = f"[{setting.dtype}] " + " ".join([case, *overrides])
+                if case == "conv":
+                    _check_layer(setting, name, ShortConv(24, 4), group, rank, size, errors)
+                elif case.startswith("model:"):
+                    _check_model(setting, case.split(":", 1)[1], group, errors)
+                else:
+                    config = setting.config("model.pattern=" + case, *overrides)
+                    mixer = Sublayer(transformer_config(config.model), config.model, case).mixer
+                    _check_layer(setting, name, mixer, group, rank, size, errors)
     finally:
         shutdown_parallel()
     assert not errors, f"rank {rank} of {size}: " + "; ".join(errors)
 
 
-def run_equality(size: int, cases, setting: Setting) -> None:
-    """Spawn ``size`` processes that check ``cases``: (mixer symbol, "conv" or "model:PATTERN"; config overrides;
-    on CPU whether the Triton kernels run, interpreted)."""
-    mp.spawn(_worker, args=(size, _free_port(), cases, setting), nprocs=size)
+def run_equality(size: int, checks: list[tuple[list, Setting]]) -> None:
+    """Spawn ``size`` processes that run each (cases, setting) check. A case is (mixer symbol, "conv" or
+    "model:PATTERN"; config overrides; on CPU whether the Triton kernels run, interpreted)."""
+    mp.spawn(_worker, args=(size, _free_port(), checks), nprocs=size)
 
 
 LAYER_CASES = [("conv", [], False), ("G", [], False), ("W", [], False), ("*", [], False), ("-", [], False),
@@ -302,7 +306,7 @@ def test_layers_and_model_equal_single_process(size):
     """Every mixer and a model with all of them, on the kernels' torch paths; at 2 processes also a G-W-*- model on
     the gated delta rule's Triton kernels (interpreted: their initial- and final-state gradients are what the scan
     relies on; 4 interpreted processes sharing 2 cores would take minutes)."""
-    run_equality(size, LAYER_CASES + (TRITON_CASES if size == 2 else []), Setting())
+    run_equality(size, [(LAYER_CASES + (TRITON_CASES if size == 2 else []), Setting())])
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -35,10 +35,9 @@ def _sizes():
     return [size for size in (2, 4) if size <= torch.cuda.device_count()] or [2]
 
 
-@pytest.mark.parametrize("dtype", sorted(SETTINGS))
 @pytest.mark.parametrize("size", _sizes())
-def test_layers_and_model_equal_one_gpu(size, dtype):
-    cpu.run_equality(size, CASES, SETTINGS[dtype])
+def test_layers_and_model_equal_one_gpu(size):
+    cpu.run_equality(size, [(CASES, setting) for setting in SETTINGS.values()])
 
 
 @pytest.mark.parametrize("precision, first_tol, curve_tol", [("fp32", 1e-4, 1e-3), ("bf16", 2e-2, 5e-2)])
