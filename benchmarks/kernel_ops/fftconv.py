@@ -11,7 +11,8 @@ Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually 
 Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (the
-spectral tile R2 x R3, hence R1 = N / (R2 R3); a software-pipelined forward spectral loop) and the stages of the default one, on the same GPU.
+spectral tile R2 x R3, hence R1 = N / (R2 R3); a software-pipelined forward spectral loop; the forward's row buffers
+kept for the backward) and the stages of the default one, on the same GPU.
 """
 from __future__ import annotations
 
@@ -59,7 +60,8 @@ SPEC_BF16 = OpSpec(name="fftconv", lengths=SPEC.lengths, tiny_lengths=SPEC.tiny_
                    make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft")
 
 # Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
-VARIANTS = {"tile 16x16": dict(tile=256), "tile 32x16": dict(tile=512), "pipelined": dict(pipelined=True)}
+VARIANTS = {"tile 16x16": dict(tile=256), "tile 32x16": dict(tile=512), "pipelined": dict(pipelined=True),
+            "keep rows": dict(keep_rows=True)}
 
 
 def _variant_impls() -> list[Impl]:
@@ -75,7 +77,8 @@ def _variant_impls() -> list[Impl]:
 
 
 def _stage_times(T: int, device: torch.device) -> list[str]:
-    """Milliseconds of each kernel of the default plan, fwd and bwd (float32 inputs)."""
+    """Milliseconds of each kernel of the default plan, fwd and bwd (float32 inputs; du is written over dy's rows,
+    so those drift from call to call: the timing does not depend on the values)."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -84,15 +87,15 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     S = triton_fftconv._Signal
     u_rows = triton_fftconv.rows_dft(S.time_major_of(u), plan)
     k_rows = triton_fftconv.rows_dft(S.channel_major_of(k), plan)
-    dy_rows = u_rows.clone()
+    dy_rows, y_rows, dk_rows = u_rows.clone(), torch.empty_like(u_rows), torch.empty_like(k_rows)
     y = torch.empty_like(u)
     dk = torch.empty_like(k)
     stages = {
         "rows_dft u [T, C]": lambda i: triton_fftconv.rows_dft(S.time_major_of(u), plan),
         "rows_dft k [C, T]": lambda i: triton_fftconv.rows_dft(S.channel_major_of(k), plan),
-        "spectral product": lambda i: triton_fftconv.spectral_product(u_rows, k_rows, 1, u.shape[2], plan),
-        "spectral grad (du, dk)": lambda i: triton_fftconv.spectral_grad(dy_rows, u_rows, k_rows, 1, u.shape[2],
-                                                                         plan, True, True),
+        "spectral product": lambda i: triton_fftconv.spectral_product(u_rows, k_rows, 1, u.shape[2], plan, y_rows),
+        "spectral grad (du, dk)": lambda i: triton_fftconv.spectral_grad(dy_rows, u_rows, k_rows, dk_rows, 1,
+                                                                         u.shape[2], plan, True, True),
         "rows_idft y [T, C]": lambda i: triton_fftconv.rows_idft(u_rows, S.time_major_of(y), plan),
         "rows_idft dk [C, T]": lambda i: triton_fftconv.rows_idft(k_rows, S.channel_major_of(dk), plan),
     }

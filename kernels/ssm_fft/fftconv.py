@@ -61,13 +61,14 @@ class FFTPlan:
 
     pipelined: software-pipeline the forward spectral loop (Triton stages = 2: the next item's tiles load into
     shared memory during this one; 110 KB of it at 64 x 16). The backward kernel is never pipelined: its stage
-    buffers would pass the 227 KB an H100 block may hold."""
+    buffers would pass the 227 KB an H100 block may hold. keep_rows: see CausalFFTConvFunction."""
 
     n: int
     r1: int
     r2: int
     r3: int
     pipelined: bool = False
+    keep_rows: bool = False
 
     @property
     def m(self) -> int:
@@ -84,11 +85,12 @@ class FFTPlan:
         return self.r2 // 16
 
 
-def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelined: bool = False) -> FFTPlan:
+def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelined: bool = False,
+             keep_rows: bool = False) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
-    forces N (tests use it to exercise every plan at small T); ``pipelined`` see FFTPlan.
+    forces N (tests use it to exercise every plan at small T); ``pipelined`` and ``keep_rows``: see FFTPlan.
     """
     n = fft_size or max(MIN_FFT_SIZE, 1 << max(0, (2 * length - 1).bit_length()))
     if n < 2 * length or n & (n - 1) or n < MIN_FFT_SIZE:
@@ -98,7 +100,7 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelin
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, pipelined=pipelined)
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, pipelined=pipelined, keep_rows=keep_rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -318,9 +320,9 @@ def _row_inverse(yr, yi, row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr
 
 
 @triton.jit
-def _spectral_product_kernel(u_rows, k_rows, tables, row_twiddles, batch, channels, items_per_program, SEQ,
-                             R2: tl.constexpr, R3: tl.constexpr):
-    """Row k1 of every (b, c): u_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])), in place."""
+def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items_per_program,
+                             SEQ, R2: tl.constexpr, R3: tl.constexpr):
+    """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows)."""
     M: tl.constexpr = R2 * R3
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
@@ -331,18 +333,21 @@ def _spectral_product_kernel(u_rows, k_rows, tables, row_twiddles, batch, channe
     for item in range(first, last):
         c = item // batch
         k_row = k_rows + (row + c * SEQ)
-        u_row = u_rows + (row + ((item % batch) * channels + c) * SEQ)
+        offset = row + ((item % batch) * channels + c) * SEQ
         kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), twiddle, tables, R2, R3)
-        ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), twiddle, tables, R2, R3)
+        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), twiddle,
+                               tables, R2, R3)
         yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, twiddle, tables, R2, R3)
-        tl.store(u_row + tile, yr)
-        tl.store(u_row + M + tile, yi)
+        tl.store(y_rows + offset + tile, yr)
+        tl.store(y_rows + offset + M + tile, yi)
 
 
 @triton.jit
-def _spectral_grad_kernel(dy_rows, u_rows, k_rows, tables, row_twiddles, batch, channels, items_per_program, SEQ,
-                          R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr, NEED_DK: tl.constexpr):
-    """Row k1: dy_rows <- IDFT2(DY conj(K)) (du), k_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk), in place.
+def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, batch, channels,
+                          items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
+                          NEED_DK: tl.constexpr):
+    """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
+    may be k_rows).
 
     A program's items cover whole channels (items_per_program is a multiple of batch)."""
     M: tl.constexpr = R2 * R3
@@ -358,6 +363,7 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, tables, row_twiddles, batch, 
         c = item // batch
         b = item % batch
         k_row = k_rows + (row + c * SEQ)
+        dk_row = dk_rows + (row + c * SEQ)
         dy_row = dy_rows + (row + (b * channels + c) * SEQ)
         gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), twiddle, tables, R2, R3)
         if NEED_DU:  # DY conj(K)
@@ -365,15 +371,15 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, tables, row_twiddles, batch, 
             dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, twiddle, tables, R2, R3)
             tl.store(dy_row + tile, dur)
             tl.store(dy_row + M + tile, dui)
-        if NEED_DK:  # sum_b DY conj(U), written into k's row once the channel's last batch row is in
+        if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c) * SEQ)
             ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), twiddle, tables, R2, R3)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
                 outr, outi = _row_inverse(dkr, dki, twiddle, tables, R2, R3)
-                tl.store(k_row + tile, outr)
-                tl.store(k_row + M + tile, outi)
+                tl.store(dk_row + tile, outr)
+                tl.store(dk_row + M + tile, outi)
                 dkr = tl.zeros([R2, R3], dtype=tl.float32)
                 dki = tl.zeros([R2, R3], dtype=tl.float32)
 
@@ -457,24 +463,34 @@ def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.devic
     return (rows, triton.cdiv(batch * channels, items)), items
 
 
-def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan):
+def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
+                     y_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of y = u * k; written over u_rows unless y_rows is given."""
+    y_rows = u_rows if y_rows is None else y_rows
     grid, items = _spectral_grid(plan, batch, channels, u_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, u_rows.device)
-    _spectral_product_kernel[grid](u_rows, k_rows, tables, row_twiddles, batch, channels, items, u_rows[0].numel(),
+    _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items,
+                                   u_rows[0].numel(),
                                    R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps,
                                    num_stages=2 if plan.pipelined else 1)
+    return y_rows
 
 
-def spectral_grad(dy_rows, u_rows, k_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool, need_dk: bool):
+def spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool,
+                  need_dk: bool):
+    """Rows of du over dy_rows (if need_du) and of dk into dk_rows (if need_dk; may be k_rows)."""
     grid, items = _spectral_grid(plan, batch, channels, dy_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, dy_rows.device)
-    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, tables, row_twiddles, batch,
+    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, dk_rows, tables, row_twiddles, batch,
                                 channels, items, dy_rows[0].numel(), R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
                                 NEED_DK=need_dk, num_warps=plan.spectral_warps, num_stages=1)
 
 
 class CausalFFTConvFunction(torch.autograd.Function):
-    """u [B, T, C], k [C, Tk] -> y [B, T, C] in ``out_dtype`` (u's dtype when None)."""
+    """u [B, T, C], k [C, Tk] -> y [B, T, C] in ``out_dtype`` (u's dtype when None).
+
+    With plan.keep_rows the forward keeps the row buffers of u and k for the backward (4X more memory, 6X less
+    traffic: two rows stages fewer); otherwise the backward recomputes them."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan, out_dtype: torch.dtype | None = None):
@@ -482,33 +498,40 @@ class CausalFFTConvFunction(torch.autograd.Function):
         batch, length, channels = u.shape
         u_rows = rows_dft(_Signal.time_major_of(u), plan)
         k_rows = rows_dft(_Signal.channel_major_of(k), plan)
-        spectral_product(u_rows, k_rows, batch, channels, plan)
+        y_rows = spectral_product(u_rows, k_rows, batch, channels, plan,
+                                  torch.empty_like(u_rows) if plan.keep_rows else None)
         y = new_output(u.shape, out_dtype or u.dtype, u.device)
-        rows_idft(u_rows, _Signal.time_major_of(y), plan)
-        ctx.save_for_backward(u, k)
+        rows_idft(y_rows, _Signal.time_major_of(y), plan)
+        if plan.keep_rows:
+            ctx.save_for_backward(u, k, u_rows, k_rows)
+        else:
+            ctx.save_for_backward(u, k)
         ctx.plan = plan
         return y
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        u, k = ctx.saved_tensors
+        u, k, *kept = ctx.saved_tensors
         plan = ctx.plan
         need_du, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         batch, length, channels = u.shape
-        dy = dy.contiguous()
-        dy_rows = rows_dft(_Signal.time_major_of(dy), plan)
-        u_rows = rows_dft(_Signal.time_major_of(u), plan) if need_dk else None
-        k_signal = _Signal.channel_major_of(k)
-        # K's spectrum is needed for du only; without it the buffer just receives dk
-        k_rows = rows_dft(k_signal, plan) if need_du else torch.empty_like(dy_rows[:channels])
-        spectral_grad(dy_rows, u_rows, k_rows, batch, channels, plan, need_du, need_dk)
+        dy_rows = rows_dft(_Signal.time_major_of(dy.contiguous()), plan)
+        if kept:
+            u_rows, k_rows = kept
+            dk_rows = torch.empty_like(k_rows) if need_dk else k_rows
+        else:
+            u_rows = rows_dft(_Signal.time_major_of(u), plan) if need_dk else None
+            # K's spectrum is needed for du only; without it the buffer just receives dk
+            k_rows = rows_dft(_Signal.channel_major_of(k), plan) if need_du else torch.empty_like(dy_rows[:channels])
+            dk_rows = k_rows
+        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk)
         du = dk = None
         if need_du:
             du = new_output(u.shape, u.dtype, u.device)
             rows_idft(dy_rows, _Signal.time_major_of(du), plan)
         if need_dk:
             dk = new_output(k.shape, k.dtype, k.device)
-            rows_idft(k_rows, _Signal.channel_major_of(dk), plan)
+            rows_idft(dk_rows, _Signal.channel_major_of(dk), plan)
         return du, dk, None, None
 
 
