@@ -9,17 +9,18 @@ scale 1, p = softmax of the key pass's output over the slots.
 
 Chunks of BT tokens. Within a chunk the gates are cumulated in float32, b_i = g_1 + ... + g_i (``gc``), and every
 exponential taken is of a difference that is <= 0: exp(b_i - b_j) for j <= i, exp(b_C - b_j), exp(b_i). The intra-chunk
-term sum_{j<=i} (...) exp(b_i - b_j) is split into 16-row sub-blocks: across sub-blocks it factors through the
+term sum_{j<=i} (...) exp(b_i - b_j) is split into BC-token sub-blocks: across sub-blocks it factors through the
 reference r = b at the first row of the output sub-block (exp(b_i - r) <= 1, exp(r - b_j) <= 1) into a matrix product;
-inside a sub-block it is summed elementwise (a [16, 16, 32] broadcast per slice of the gated dimension).
+inside a sub-block it is summed elementwise, one column of every diagonal sub-block at a time.
 
-Kernels (each serves both gate sides or one of them, in both directions; REVERSE reads a chunk's rows backwards,
-which turns the backward's anti-causal sums into the forward's causal ones):
+Kernels (each serves every gate side and direction; REVERSE reads a chunk's rows backwards, which turns the
+backward's anti-causal sums into the forward's causal ones):
     _chunk_cumsum_kernel   gc = cumulative gates within chunks
     _state_scan_kernel     states at chunk boundaries, in a sequential loop over a unit of chunks
     _compose_kernel        initial state of every unit from the units' end states (DESIGN.md's boundary algebra)
-    chunk_output's four: the decay part per 16-row sub-block (_intra_key_kernel, _intra_value_kernel) and the
-                           streaming part per chunk (_output_key_kernel, _matrix_value_kernel)
+    _chunk_output_kernel   per chunk: scale_inter * (gated q) h + scale_intra * (gated intra-chunk attention) v
+    _slot_softmax(_grad)_kernel, _gate_terms_kernel: GSA's softmax between the passes, its backward, and the gate
+                           gradient's per-token terms (float32 rows of M slots)
     _gate_grad_kernel      dg from the per-token terms and the chunk-end terms
 With one long sequence and few heads the sequential loop would leave most of the GPU idle, so a sequence is cut into
 units of UNIT_CHUNKS chunks: a first scan gives every unit's end state from zero and its total decay, a small
@@ -51,13 +52,12 @@ from ..common import check_cu_seqlens, chunk_map, new_output, use_triton
 from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 
 BT = 64  # chunk length
-BC = 16  # sub-block rows of the intra-chunk kernels
+BC = 8  # sub-block length of the intra-chunk factorisation
 UNIT_CHUNKS: int | None = None  # chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU)
-# Warps per program, from sm_90 compile reports (Triton 3.9, GSA's shapes): the fewest with no register spills.
-# At 4 warps the key-side sub-block kernel sits at 255 registers and the matrix kernel spills 16-256 bytes a thread;
-# at 8 they use 162-255 with none spilled.
-WARPS = {"scan": 4, "intra_key": 8, "output_key": 4, "matrix_value": 8, "intra_value": 4}
-INTRA_SLICE = 32  # width of the gated dim per [BC, BC, slice] broadcast in the sub-block kernels
+# Warps per program. The output kernel holds several [BT, BT] and [BT, 64] float32 tiles: with 4 warps it spills
+# ~1 KB per thread on sm_90, with 8 almost nothing (compiler report, Triton 3.9). The scan fits 4 warps unspilled.
+OUTPUT_WARPS = 8
+SCAN_WARPS = 4
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -323,158 +323,119 @@ def _compose_kernel(unit_end, log_decay, init, unit_init, seq_units, H: tl.const
 
 
 @triton.jit
-def _reading_rows(chunks, i_c, i_h, H: tl.constexpr, REVERSE: tl.constexpr):
-    """Chunk i_c's first (token, head) row, its valid rows n, its boundary slot (start forwards, end backwards), and
-    the affine map reading row -> token offset (first + step * row)."""
-    head0 = tl.load(chunks + i_c * 3).to(tl.int64) * H + i_h
-    n = tl.load(chunks + i_c * 3 + 1)
-    slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64)
-    if REVERSE:
-        return head0, n, slot + 1, n - 1, -1
-    return head0, n, slot, 0, 1
-
-
-@triton.jit
-def _intra_key_kernel(x, y, gc, a, chunks, H: tl.constexpr, KX: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                      BK: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """A_ij = sum_d x_id y_jd exp(bb_id - bb_jd) for j <= i (gate on the contracted dim), rows i of one BC-row
-    sub-block I, all BT columns; written to a [*, H, BT] float32 buffer in reading order.
-
-    Columns of earlier sub-blocks: one product through r = bb at row I*BC (exp(bb_i - r) <= 1, exp(r - bb_j) <= 1).
-    Columns of the sub-block itself: elementwise, as one [BC, BC, BK] broadcast per BK slice."""
-    i_c, i_h = tl.program_id(0) // (BT // BC), tl.program_id(1)
-    I = tl.program_id(0) % (BT // BC)
-    head0, n, slot, first, step = _reading_rows(chunks, i_c, i_h, H, REVERSE)
-    if I * BC < n:
-        x += head0 * KX
-        y += head0 * KX
-        gc += head0 * KX
-        rows = I * BC + tl.arange(0, BC)
-        cols = tl.arange(0, BT)
-        row_ok, col_ok = rows < n, cols < n
-        rel = tl.where(row_ok, first + step * rows, 0) * H
-        rel_c = tl.where(col_ok, first + step * cols, 0) * H
-        last = (n - 1) * H
-        A = tl.zeros([BC, BT], dtype=tl.float32)
-        A_diag = tl.zeros([BC, BC], dtype=tl.float32)
-        for kb in range(tl.cdiv(KX, BK)):
-            rk = kb * BK + tl.arange(0, BK)
-            X = _load_rows(x, rel, rk, row_ok, KX).to(tl.float32)
-            G = _load_gates(gc, rel, rk, row_ok, last, KX, REVERSE)
-            Y = _load_rows(y, rel_c, rk, col_ok, KX).to(tl.float32)
-            Gc = _load_gates(gc, rel_c, rk, col_ok, last, KX, REVERSE)
-            r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
-            xe = X * tl.exp(tl.minimum(G - r[None, :], 0.0))
-            ye = Y * tl.exp(tl.minimum(r[None, :] - Gc, 0.0))
-            A += tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
-            Y_I = _load_rows(y, rel, rk, row_ok, KX).to(tl.float32)  # the sub-block's own rows as columns
-            decay = tl.exp(tl.minimum(G[:, None, :] - G[None, :, :], 0.0))
-            A_diag += tl.sum(X[:, None, :] * Y_I[None, :, :] * decay, axis=2)
-        A_diag = tl.where(tl.arange(0, BC)[:, None] >= tl.arange(0, BC)[None, :], A_diag, 0.0)
-        a += head0 * BT
-        # two stores with disjoint column masks: the earlier sub-blocks (zero beyond them), then the diagonal one
-        tl.store(a + rel[:, None] * BT + cols[None, :], tl.where((cols < I * BC)[None, :], A, 0.0),
-                 mask=row_ok[:, None] & ((cols < I * BC) | (cols >= I * BC + BC))[None, :])
-        diag_cols = I * BC + tl.arange(0, BC)
-        tl.store(a + rel[:, None] * BT + diag_cols[None, :], A_diag, mask=row_ok[:, None] & (diag_cols < BT)[None, :])
-
-
-@triton.jit
-def _output_key_kernel(x, z, gc, w, a, out, chunks, scale_inter, scale_intra, H: tl.constexpr, KX: tl.constexpr,
-                       VZ: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       REVERSE: tl.constexpr, STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr, DT: tl.constexpr,
-                       PREC: tl.constexpr):
-    """out = scale_intra * A z + scale_inter * (x * exp bb) W for one chunk and BV output columns (gate on x's dim;
-    A from _intra_key_kernel). W[a, b] = w[slot, head] + a * STRIDE_A + b * STRIDE_B."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    head0, n, slot, first, step = _reading_rows(chunks, i_c, i_h, H, REVERSE)
-    rows = tl.arange(0, BT)
-    valid = rows < n
-    rel = tl.where(valid, first + step * rows, 0) * H
-    last = (n - 1) * H
-    rv = i_v * BV + tl.arange(0, BV)
-    A = _load_rows(a + head0 * BT, rel, tl.arange(0, BT), valid, BT)
-    Z = _load_rows(z + head0 * VZ, rel, rv, valid, VZ)
-    acc = scale_intra * tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
-    w += (slot * H + i_h) * KX * VZ
-    for kb in range(tl.cdiv(KX, BK)):
-        rk = kb * BK + tl.arange(0, BK)
-        X = _load_rows(x + head0 * KX, rel, rk, valid, KX).to(tl.float32)
-        G = _load_gates(gc + head0 * KX, rel, rk, valid, last, KX, REVERSE)
-        W = tl.load(w + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B, mask=(rk < KX)[:, None] & (rv < VZ)[None, :],
-                    other=0.0)
-        acc += scale_inter * tl.dot((X * tl.exp(G)).to(DT), W.to(DT), input_precision=PREC)
-    tl.store(out + head0 * VZ + rel[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
-             mask=valid[:, None] & (rv < VZ)[None, :])
-
-
-@triton.jit
-def _matrix_value_kernel(x, y, w, a, p, chunks, H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr,
-                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
+                         H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATE_KEY: tl.constexpr, REVERSE: tl.constexpr,
                          STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """For a gate on z's dim: A0 = x y^T (causal, no decay) and P = x W for one chunk and BV columns, in one pass
-    over x's dim; both written in float32 (A0 by the first column block only)."""
-    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    head0, n, slot, first, step = _reading_rows(chunks, i_c, i_h, H, REVERSE)
+    """One chunk, one head: out_i = scale_inter * inter_i + scale_intra * sum_{j <= i} intra_ij (rows i, j in the
+    chunk's reading order: forwards, or backwards with REVERSE).
+
+    Rows are read in order, and bb is the cumulative gate in that order (b forwards; b_C - b backwards), so both
+    directions have the same causal form. x: [*, H, KX]; y: [*, H, KX]; z: [*, H, VZ]; w: boundary states, read as
+    W[a, b] = w[slot, head] + a * STRIDE_A + b * STRIDE_B (a stored [VZ, KX] state is read transposed).
+    Gate on x's dim (GATE_KEY):   inter = (x_i * exp bb_i) W,  intra_ij = (sum_d x_id y_jd exp(bb_id - bb_jd)) z_j
+    Gate on z's dim:              inter = (x_i W) * exp bb_i,  intra_ij = (x_i . y_j) z_j * exp(bb_i - bb_j)
+    Off the diagonal sub-blocks the intra sum is a masked matrix product through the reference r = bb at the first
+    row of the output sub-block; on them it is summed elementwise, column jj of every sub-block per step.
+    """
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    head0 = tl.load(chunks + i_c * 3).to(tl.int64) * H + i_h  # (first token, head) of the chunk
+    n = tl.load(chunks + i_c * 3 + 1)
+    slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64)  # the chunk's start: h forwards
+    if REVERSE:
+        slot += 1  # the chunk's end: dh backwards
+    x += head0 * KX
+    y += head0 * KX
+    z += head0 * VZ
+    out += head0 * VZ
+    if GATE_KEY:
+        gc += head0 * KX
+    else:
+        gc += head0 * VZ
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
     valid = rows < n
-    rel = tl.where(valid, first + step * rows, 0) * H
-    rv = i_v * BV + tl.arange(0, BV)
-    w += (slot * H + i_h) * KX * VZ
-    A0 = tl.zeros([BT, BT], dtype=tl.float32)
-    P = tl.zeros([BT, BV], dtype=tl.float32)
-    for kb in range(tl.cdiv(KX, BK)):
-        rk = kb * BK + tl.arange(0, BK)
-        X = _load_rows(x + head0 * KX, rel, rk, valid, KX).to(DT)
-        Y = _load_rows(y + head0 * KX, rel, rk, valid, KX).to(DT)
-        W = tl.load(w + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B, mask=(rk < KX)[:, None] & (rv < VZ)[None, :],
-                    other=0.0)
-        A0 += tl.dot(X, tl.trans(Y), input_precision=PREC)
-        P += tl.dot(X, W.to(DT), input_precision=PREC)
-    tl.store(p + head0 * VZ + rel[:, None] * VZ + rv[None, :], P, mask=valid[:, None] & (rv < VZ)[None, :])
-    if i_v == 0:
-        A0 = tl.where(rows[:, None] >= cols[None, :], A0, 0.0)
-        tl.store(a + head0 * BT + rel[:, None] * BT + cols[None, :], A0, mask=valid[:, None] & (cols < BT)[None, :])
+    step = -1 if REVERSE else 1
+    first = n - 1 if REVERSE else 0  # token offset of reading row 0
+    tok = tl.where(valid, first + step * rows, 0) * H  # row offsets in (token, head) rows
+    last_tok = (n - 1) * H
+    block_start = (rows // BC) * BC  # first row of each row's sub-block
+    causal = rows[:, None] >= cols[None, :]
+    w_base = w + (slot * H + i_h) * KX * VZ
 
-
-@triton.jit
-def _intra_value_kernel(z, gc, a, p, out, chunks, scale_inter, scale_intra, H: tl.constexpr, VZ: tl.constexpr,
-                        BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
-                        DT: tl.constexpr, PREC: tl.constexpr):
-    """out_i = scale_inter * P_i * exp bb_i + scale_intra * sum_{j <= i} A0_ij z_j * exp(bb_i - bb_j) (gate on z's
-    dim) for the rows of one BC-row sub-block and BV columns; earlier sub-blocks through r = bb at row I*BC, the
-    sub-block itself elementwise as one [BC, BC, BV] broadcast."""
-    i_c, i_h, i_v = tl.program_id(0) // (BT // BC), tl.program_id(1), tl.program_id(2)
-    I = tl.program_id(0) % (BT // BC)
-    head0, n, slot, first, step = _reading_rows(chunks, i_c, i_h, H, REVERSE)
-    if I * BC < n:
-        z += head0 * VZ
-        gc += head0 * VZ
-        a += head0 * BT
-        rows = I * BC + tl.arange(0, BC)
-        cols = tl.arange(0, BT)
-        row_ok, col_ok = rows < n, cols < n
-        rel = tl.where(row_ok, first + step * rows, 0) * H
-        rel_c = tl.where(col_ok, first + step * cols, 0) * H
-        last = (n - 1) * H
-        rv = i_v * BV + tl.arange(0, BV)
-        A0 = _load_rows(a, rel, cols, row_ok, BT)
-        G = _load_gates(gc, rel, rv, row_ok, last, VZ, REVERSE)
-        Z = _load_rows(z, rel_c, rv, col_ok, VZ).to(tl.float32)
-        Gc = _load_gates(gc, rel_c, rv, col_ok, last, VZ, REVERSE)
-        r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
-        ze = Z * tl.exp(tl.minimum(r[None, :] - Gc, 0.0))
-        part = tl.dot(tl.where((cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT), input_precision=PREC)
-        intra = part * tl.exp(tl.minimum(G - r[None, :], 0.0))
-        A0_diag = _load_rows(a, rel, I * BC + tl.arange(0, BC), row_ok, BT)  # causal: zero above the diagonal
-        Z_I = _load_rows(z, rel, rv, row_ok, VZ).to(tl.float32)
-        decay = tl.exp(tl.minimum(G[:, None, :] - G[None, :, :], 0.0))
-        intra += tl.sum(A0_diag[:, :, None] * Z_I[None, :, :] * decay, axis=1)
-        P = _load_rows(p + head0 * VZ, rel, rv, row_ok, VZ)
-        acc = scale_inter * P * tl.exp(G) + scale_intra * intra
-        tl.store(out + head0 * VZ + rel[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
-                 mask=row_ok[:, None] & (rv < VZ)[None, :])
+    if GATE_KEY:
+        A = tl.zeros([BT, BT], dtype=tl.float32)
+        for kb in range(tl.cdiv(KX, BK)):
+            rk = kb * BK + tl.arange(0, BK)
+            X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
+            Y = _load_rows(y, tok, rk, valid, KX).to(tl.float32)
+            G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
+            for I in tl.static_range(1, BT // BC):
+                in_I = (rows >= I * BC) & (rows < I * BC + BC)
+                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+                xe = X * tl.exp(tl.minimum(G - r[None, :], 0.0))
+                ye = Y * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+                part = tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
+                A += tl.where(in_I[:, None] & (cols < I * BC)[None, :], part, 0.0)
+            for jj in range(BC):
+                j = block_start + jj
+                j_ok = (j <= rows) & (j < n)
+                tok_j = tl.where(j_ok, first + step * j, 0) * H
+                Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
+                Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
+                a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
+                A += tl.where((cols[None, :] == j[:, None]) & j_ok[:, None], a[:, None], 0.0)
+        for vb in range(tl.cdiv(VZ, BV)):
+            rv = vb * BV + tl.arange(0, BV)
+            Z = _load_rows(z, tok, rv, valid, VZ)
+            acc = scale_intra * tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
+            for kb in range(tl.cdiv(KX, BK)):
+                rk = kb * BK + tl.arange(0, BK)
+                X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
+                G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
+                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+                acc += scale_inter * tl.dot((X * tl.exp(G)).to(DT), Wt.to(DT), input_precision=PREC)
+            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+                     mask=valid[:, None] & (rv < VZ)[None, :])
+    else:
+        A0 = tl.zeros([BT, BT], dtype=tl.float32)
+        for kb in range(tl.cdiv(KX, BK)):
+            rk = kb * BK + tl.arange(0, BK)
+            X = _load_rows(x, tok, rk, valid, KX)
+            Y = _load_rows(y, tok, rk, valid, KX)
+            A0 += tl.dot(X.to(DT), tl.trans(Y.to(DT)), input_precision=PREC)
+        A0 = tl.where(causal, A0, 0.0)
+        for vb in range(tl.cdiv(VZ, BV)):
+            rv = vb * BV + tl.arange(0, BV)
+            Z = _load_rows(z, tok, rv, valid, VZ).to(tl.float32)
+            G = _load_gates(gc, tok, rv, valid, last_tok, VZ, REVERSE)
+            inter = tl.zeros([BT, BV], dtype=tl.float32)
+            for kb in range(tl.cdiv(KX, BK)):
+                rk = kb * BK + tl.arange(0, BK)
+                X = _load_rows(x, tok, rk, valid, KX)
+                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+                inter += tl.dot(X.to(DT), Wt.to(DT), input_precision=PREC)
+            intra = tl.zeros([BT, BV], dtype=tl.float32)
+            for I in tl.static_range(1, BT // BC):
+                in_I = ((rows >= I * BC) & (rows < I * BC + BC))[:, None]
+                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+                ze = Z * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+                part = tl.dot(tl.where(in_I & (cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT),
+                              input_precision=PREC)
+                intra += tl.where(in_I, part * tl.exp(tl.minimum(G - r[None, :], 0.0)), 0.0)
+            for jj in range(BC):
+                j = block_start + jj
+                j_ok = (j <= rows) & (j < n)
+                tok_j = tl.where(j_ok, first + step * j, 0) * H
+                Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
+                Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
+                a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
+                intra += a[:, None] * Zj * tl.exp(tl.minimum(G - Gj, 0.0))
+            acc = scale_inter * inter * tl.exp(G) + scale_intra * intra
+            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+                     mask=valid[:, None] & (rv < VZ)[None, :])
 
 
 @triton.jit
@@ -558,7 +519,7 @@ def unit_initial_states(x, y, gc, init, plan: Plan, gate_key: bool, reverse: boo
     log_decay = new_output((n_units, H, D), torch.float32, x.device)
     _state_scan_kernel[grid](x, y, gc, gc, gc, unit_end, log_decay, gc, gc, plan.chunks, plan.units, scale,
                              plan.n_slots, HAS_INIT=False, STORE=False, PER_UNIT=True, HAS_PAIR=False, **meta,
-                             num_warps=WARPS["scan"])
+                             num_warps=SCAN_WARPS)
     unit_init = new_output((n_units, H, K, V), torch.float32, x.device)
     BLOCK = min(1024, triton.next_power_of_2(K * V))
     _compose_kernel[(triton.cdiv(K * V, BLOCK), H, plan.n_seqs)](
@@ -586,45 +547,20 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
         x, y, gc, gc if unit_init is None else unit_init, states, end, gc, gc if pair is None else pair,
         gc if pair_sum is None else pair_sum, plan.chunks, plan.units, scale, plan.n_slots,
         HAS_INIT=unit_init is not None, STORE=True, PER_UNIT=False, HAS_PAIR=pair is not None, **meta,
-        num_warps=WARPS["scan"])
+        num_warps=SCAN_WARPS)
     return states, end, None if pair_sum is None else pair_sum.sum(0)
 
 
 def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_transposed: bool,
                  scale_inter: float, scale_intra: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """out_i = scale_inter * inter_i + scale_intra * sum_{j <= i} intra_ij per chunk, rows i, j in reading order
-    (forwards, or backwards with ``reverse``, which turns the backward's anti-causal sums into causal ones); bb is
-    the cumulative gate in that order (b forwards, b_C - b backwards):
-        gate on x's dim (gate_key):  inter = (x_i * exp bb_i) W,   intra_ij = (sum_d x_id y_jd exp(bb_id - bb_jd)) z_j
-        gate on z's dim:             inter = (x_i W) * exp bb_i,   intra_ij = (x_i . y_j) z_j * exp(bb_i - bb_j)
-    x, y [B, T, H, KX]; z [B, T, H, VZ]; w: boundary states [slots, H, KX, VZ], or [slots, H, VZ, KX] read
-    transposed. Two kernels either way: the decay part on 16-row sub-blocks (small tiles, many programs) and the
-    streaming part on whole chunks; they meet through float32 [B, T, H, BT] (and [B, T, H, VZ]) buffers.
-    """
     B, T, H, KX = x.shape
     VZ = z.shape[3]
-    dot = _dot_args(w.dtype)
-    BK, BV = _block(KX), _block(VZ)
-    n_chunks = plan.chunks.shape[0]
-    strides = dict(STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1)
     out = new_output((B, T, H, VZ), out_dtype, x.device)
-    a = new_output((B, T, H, BT), torch.float32, x.device)
-    if gate_key:
-        _intra_key_kernel[(n_chunks * (BT // BC), H)](x, y, gc, a, plan.chunks, H=H, KX=KX, BT=BT, BC=BC,
-                                                       BK=_block(KX, INTRA_SLICE), REVERSE=reverse, **dot,
-                                                       num_warps=WARPS["intra_key"])
-        _output_key_kernel[(n_chunks, H, triton.cdiv(VZ, BV))](
-            x, z, gc, w, a, out, plan.chunks, scale_inter, scale_intra, H=H, KX=KX, VZ=VZ, BT=BT, BK=BK, BV=BV,
-            REVERSE=reverse, **strides, **dot, num_warps=WARPS["output_key"])
-    else:
-        p = new_output((B, T, H, VZ), torch.float32, x.device)
-        _matrix_value_kernel[(n_chunks, H, triton.cdiv(VZ, BV))](
-            x, y, w, a, p, plan.chunks, H=H, KX=KX, VZ=VZ, BT=BT, BK=BK, BV=BV, REVERSE=reverse, **strides, **dot,
-            num_warps=WARPS["matrix_value"])
-        BVI = _block(VZ, INTRA_SLICE)
-        _intra_value_kernel[(n_chunks * (BT // BC), H, triton.cdiv(VZ, BVI))](
-            z, gc, a, p, out, plan.chunks, scale_inter, scale_intra, H=H, VZ=VZ, BT=BT, BC=BC, BV=BVI,
-            REVERSE=reverse, **dot, num_warps=WARPS["intra_value"])
+    _chunk_output_kernel[(plan.chunks.shape[0], H)](
+        x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra, H=H, KX=KX, VZ=VZ, BT=BT, BC=BC,
+        BK=_block(KX), BV=_block(VZ), GATE_KEY=gate_key, REVERSE=reverse,
+        STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1,
+        **_dot_args(w.dtype), num_warps=OUTPUT_WARPS)
     return out
 
 
