@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from kernel_checks import compare_with_reference
 from lctrain.kernels.gated_delta import (chunk_gated_delta_rule, fused_recurrent_gated_delta_rule,
                                          gated_delta_rule_reference)
+from lctrain.kernels.gated_delta import chunk as chunk_module
 from lctrain.kernels.gated_delta.chunk import chunk_gated_delta_rule_triton
 from lctrain.kernels.gated_delta.chunk_torch import chunk_gated_delta_rule_torch
 
@@ -73,9 +74,11 @@ def test_chunk_lengths(B, T):
     check(public(chunk_gated_delta_rule), make_inputs(B, T, 1, 2, 32, 16, seed=T))
 
 
-@pytest.mark.parametrize("segment_chunks", [1, 2])
-def test_chunk_segments(segment_chunks):
-    """Segments of one or two chunks: summaries [M | E], their fold, and the reversed fold in the backward."""
+@pytest.mark.parametrize("segment_chunks, keep", [(1, True), (2, False)])
+def test_chunk_segments(segment_chunks, keep, monkeypatch):
+    """Segments of one or two chunks: summaries [M | E], their fold, and the reversed fold in the backward; with
+    the forward's states kept for the backward, and recomputed there."""
+    monkeypatch.setattr(chunk_module, "KEEP_FORWARD_STATES", keep)
     check(triton_segmented(segment_chunks), make_inputs(1, 150, 1, 2, 16, 32, seed=segment_chunks))
 
 

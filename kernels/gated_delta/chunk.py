@@ -15,16 +15,18 @@ in h, a segment maps its entering state S to M S + E. Three launches replace the
   1. summary (parallel over segments): run each segment from the state [I | 0] with values [0 | u]: the state
      columns evolve independently, so the result is [M | E] (the identity columns give M, the u columns E);
   2. combine (sequential over segments only): S_in(s+1) = M_s S_in(s) + E_s, from the initial state;
-  3. scan (parallel over segments): rerun each segment from its true S_in, writing outputs (and chunk states).
-Depth L + (chunks / L) + L instead of chunks, and more programs to fill the GPU.
+  3. state scan (parallel over segments): rerun each segment from its true S_in, writing every chunk's h and vn.
+Depth L + (chunks / L) + L instead of chunks, and more programs to fill the GPU. The scans do only the two
+dependent products per chunk; the outputs come from a fully parallel kernel over chunks.
 
 Backward. With D the gradient of the loss with respect to the state entering a chunk, dh_c that leaving it:
   dvn = scale P^T do + (k * exp(gl - gc)) dh_c,        D = exp(gl) dh_c + scale (q * e)^T do - w^T dvn
   = M_c^T dh_c + G_c: the same algebra reversed, so the same three steps run backwards (M^T from the forward
-summary, G from a summary of the gradients); the scans also store each chunk's h, vn, dh and dvn. Then two
-launches of one program per chunk form the input gradients (_grads_qk_kernel, _grads_wy_kernel: split in two so
-that each fits the registers). Kept from forward to backward: the inputs, each segment's entering state and M
-(per segment, not per token); the backward recomputes T, w, u and the chunk states.
+summary, G from a summary of the gradients); scale P^T do, which does not depend on the state, comes from a
+parallel kernel first, and the last scan stores each chunk's dh and dvn. Then two launches of one program per
+chunk form the input gradients (_grads_qk_kernel, _grads_wy_kernel: split in two so that each fits the
+registers). Kept from forward to backward: the inputs, each segment's entering state and M, and (while
+KEEP_FORWARD_STATES) gc, T, w and every chunk's h and vn, else recomputed.
 
 Implementation notes. Never transpose a tl.dot result (tl.trans of an MMA-layout tensor feeding another dot is
 miscompiled on Hopper by Triton 3.2-3.6; flash-linear-attention issue #640, triton issue #6124): transposed
@@ -54,32 +56,31 @@ CHUNK = 64
 
 
 @triton.jit
-def _unit_lower_inverse(A, PRECISION: tl.constexpr):
-    """(I + A)^-1 for a strictly lower triangular 64 x 64 float32 A.
-
-    The four 16 x 16 diagonal blocks D are inverted by Gaussian elimination (15 pivots, the four blocks at once);
-    with Y = (I + D)^-1 and N the part of A below the diagonal blocks, (I + A) = (I + D)(I + Y N) and B = Y N is
-    nilpotent with B^4 = 0, so (I + A)^-1 = (I - B)(I + B^2) Y: the terms of blocked forward substitution.
-    PRECISION is the float32 dots' input precision: "tf32x3" keeps float32 inputs' accuracy, "tf32" is enough
-    for 16-bit inputs (T is rounded to them).
-    """
-    r = tl.arange(0, 64)
-    block = r // 16
-    same_block = block[:, None] == block[None, :]
-    A_diag = tl.where(same_block, A, 0.0)
-    Y = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
+def _diag_block_inverse_kernel(k, g, beta, Y, chunks, seq_end, H, HV, K: tl.constexpr, BK: tl.constexpr,
+                               PRECISION: tl.constexpr):
+    """(I + D)^-1 for one 16 x 16 diagonal block D of a chunk's A (module docstring), by Gaussian elimination
+    (15 pivots) in a single warp: no cross-warp reductions. Writes its 16 columns to Y [B, T, HV, 16] (float32).
+    The decays only need g's cumulative sums inside the block (their differences)."""
+    i_b, i_hv = tl.program_id(0), tl.program_id(1)
+    i_h = i_hv // (HV // H)
+    r = tl.arange(0, 16)
+    tok, _, t0, eos = _chunk_tokens(chunks, seq_end, i_b // 4)
+    tok = t0 + (i_b % 4) * 16 + r
+    valid = tok < eos
+    ck = tl.arange(0, BK)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + ck[None, :], mask=valid[:, None] & (ck < K)[None, :], other=0.0)
+    b_gc = tl.cumsum(tl.load(g + tok * HV + i_hv, mask=valid, other=0.0), axis=0)
+    b_beta = tl.load(beta + tok * HV + i_hv, mask=valid, other=0.0)
+    strict = r[:, None] > r[None, :]
+    b_A = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    b_A = tl.where(strict, b_A * tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0)) * b_beta[:, None], 0.0)
+    b_Y = tl.where(r[:, None] == r[None, :], 1.0, 0.0)
     for m in tl.static_range(15):
-        pivot = block * 16 + m
-        # row i -= A[i, pivot] * (row pivot), inside each diagonal block
-        a_col = tl.sum(tl.where(r[None, :] == pivot[:, None], A_diag, 0.0), axis=1)
-        y_row = tl.sum(tl.where(r[:, None] == pivot[None, :], Y, 0.0), axis=0)
-        Y -= tl.where(same_block, a_col[:, None] * y_row[None, :], 0.0)
-    N = tl.where(same_block, 0.0, A)
-    B = tl.dot(Y, N, input_precision=PRECISION)
-    B2 = tl.dot(B, B, input_precision=PRECISION)
-    I_minus_B = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - B
-    X = I_minus_B + tl.dot(I_minus_B, B2, input_precision=PRECISION)
-    return tl.dot(X, Y, input_precision=PRECISION)
+        # row i -= A[i, m] * (row m), for the rows below the pivot m
+        a_col = tl.sum(tl.where(r[None, :] == m, b_A, 0.0), axis=1)
+        y_row = tl.sum(tl.where(r[:, None] == m, b_Y, 0.0), axis=0)
+        b_Y -= a_col[:, None] * y_row[None, :]
+    tl.store(Y + (tok * HV + i_hv)[:, None] * 16 + r[None, :], b_Y, mask=valid[:, None])
 
 
 @triton.jit
@@ -104,11 +105,16 @@ def _chunk_tokens(chunks, seq_end, i_c):
 
 
 @triton.jit
-def _wy_prepare_kernel(k, v, g, beta, gc, A_inv, w, u, chunks, seq_end,
-                       H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, STORE_T: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """Per (chunk, value head): gc = chunk-local cumsum of g, T = (I + A)^-1 (kept if STORE_T), w, u."""
+def _wy_prepare_kernel(k, v, g, beta, Y, gc, A_inv, w, u, chunks, seq_end,
+                       H, HV, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PRECISION: tl.constexpr):
+    """Per (chunk, value head): gc = chunk-local cumsum of g, T = (I + A)^-1, w, u.
+
+    With Y = (I + D)^-1 for the diagonal 16 x 16 blocks D (from _diag_block_inverse_kernel) and N the part of A
+    below them, I + A = (I + D)(I + Y N), and B = Y N is nilpotent (B^4 = 0): T = (I - B)(I + B^2) Y, the terms
+    of blocked forward substitution. PRECISION is the float32 products' input precision: "tf32x3" keeps float32
+    inputs' accuracy, "tf32" is enough for 16-bit inputs (T is rounded to them).
+    """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
@@ -120,12 +126,18 @@ def _wy_prepare_kernel(k, v, g, beta, gc, A_inv, w, u, chunks, seq_end,
     tl.store(gc + tok * HV + i_hv, b_gc, mask=valid)
     ck = tl.arange(0, BK)
     b_k = tl.load(k + (tok * H + i_h)[:, None] * K + ck[None, :], mask=valid[:, None] & (ck < K)[None, :], other=0.0)
-    strict = r[:, None] > r[None, :]
-    decay = tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0))
-    b_A = tl.where(strict, tl.dot(b_k, tl.trans(b_k)) * decay * b_beta[:, None], 0.0)
-    b_T = _unit_lower_inverse(b_A.to(tl.float32), PRECISION)
-    if STORE_T:
-        tl.store(A_inv + (tok * HV + i_hv)[:, None] * 64 + r[None, :], b_T.to(DT), mask=valid[:, None])
+    same_block = (r // 16)[:, None] == (r // 16)[None, :]
+    below = r[:, None] // 16 > r[None, :] // 16
+    b_N = tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    b_N = tl.where(below, b_N * tl.exp(tl.where(below, b_gc[:, None] - b_gc[None, :], 0.0)) * b_beta[:, None], 0.0)
+    b_Y = tl.load(Y + (tok * HV + i_hv)[:, None] * 16 + (r % 16)[None, :], mask=same_block & valid[:, None],
+                  other=0.0)
+    b_B = tl.dot(b_Y, b_N, input_precision=PRECISION)
+    b_B2 = tl.dot(b_B, b_B, input_precision=PRECISION)
+    b_X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) - b_B
+    b_X += tl.dot(b_X, b_B2, input_precision=PRECISION)
+    b_T = tl.dot(b_X, b_Y, input_precision=PRECISION)
+    tl.store(A_inv + (tok * HV + i_hv)[:, None] * 64 + r[None, :], b_T.to(DT), mask=valid[:, None])
     b_Td = b_T.to(DT)
     b_kw = (b_k * (b_beta * tl.exp(b_gc))[:, None]).to(DT)
     b_w = tl.dot(b_Td, b_kw)
@@ -147,19 +159,18 @@ def _segment(segs, i_s):
 
 
 @triton.jit
-def _fwd_scan_kernel(q, k, w, u, gc, o, h, vn, seg_init, summary, final, segs, scale,
-                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _fwd_scan_kernel(k, w, u, gc, h, vn, seg_init, summary, final, segs,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, NBM: tl.constexpr,
-                     SUMMARY: tl.constexpr, OUTPUT: tl.constexpr, STORE_H: tl.constexpr,
-                     HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
-    """Run one segment's chunks for BV state columns of one value head.
+                     SUMMARY: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """Run one segment's chunks for BV state columns of one value head: per chunk two dependent products,
+    vn = u - w S and S <- exp(gl) S + (k * exp(gl - gc))^T vn.
 
     SUMMARY: start from [I | 0] (column blocks < NBM are identity columns, the rest u's columns) and write the
-    segment's [M | E] to summary [S, HV, K, K + V]. Otherwise start from seg_init[s] (or 0), write o (OUTPUT),
-    each chunk's entering state h[chunk] and pseudo-values vn (STORE_H), and at a sequence's end final[seq]
-    (STORE_FINAL).
+    segment's [M | E] to summary [S, HV, K, K + V]. Otherwise start from seg_init[s] (or 0), write each chunk's
+    entering state h[chunk] and pseudo-values vn, and at a sequence's end final[seq] (STORE_FINAL).
     """
-    # the NB column blocks of one segment are neighbours in launch order: they read the same q, k, w
+    # the NB column blocks of one segment are neighbours in launch order: they read the same k, w
     i_s, i_b, i_hv = tl.program_id(0).to(tl.int64) // NB, tl.program_id(0) % NB, tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
@@ -199,7 +210,7 @@ def _fwd_scan_kernel(q, k, w, u, gc, o, h, vn, seg_init, summary, final, segs, s
                       mask=valid[:, None] & ucols[None, :], other=0.0)
         S_d = S.to(DT)
         b_vn = (b_u.to(tl.float32) - tl.dot(b_w, S_d)).to(DT)
-        if STORE_H:
+        if not SUMMARY:
             tl.store(h + (((c0 + j).to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + col0 + cb[None, :],
                      S_d.to(h.dtype.element_ty), mask=kmask[:, None] & cmask[None, :])
             tl.store(vn + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :], b_vn.to(vn.dtype.element_ty),
@@ -207,15 +218,6 @@ def _fwd_scan_kernel(q, k, w, u, gc, o, h, vn, seg_init, summary, final, segs, s
         to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
         b_kd = (b_k * to_end[:, None]).to(DT)
         S = S * tl.exp(b_gl) + tl.dot(tl.trans(b_kd), b_vn)
-        if OUTPUT:  # from the entering state S_d; off the chain of state updates
-            b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
-            incl = (r[:, None] >= r[None, :]) & valid[:, None]
-            b_P = tl.dot(b_q, tl.trans(b_k))
-            b_P = tl.where(incl, b_P * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0).to(DT)
-            b_qd = (b_q * tl.exp(b_gc)[:, None]).to(DT)
-            b_o = tl.dot(b_qd, S_d) + tl.dot(b_P, b_vn)
-            tl.store(o + (tok * HV + i_hv)[:, None] * V + col0 + cb[None, :], (scale * b_o).to(o.dtype.element_ty),
-                     mask=valid[:, None] & cmask[None, :])
     if SUMMARY:
         out_col = tl.where(is_m, col0, K + col0)
         tl.store(summary + ((i_s * HV + i_hv) * K + rk[:, None]) * (K + V) + out_col + cb[None, :], S,
@@ -227,8 +229,61 @@ def _fwd_scan_kernel(q, k, w, u, gc, o, h, vn, seg_init, summary, final, segs, s
 
 
 @triton.jit
+def _output_kernel(q, k, gc, h, vn, o, chunks, seq_end, scale, H, HV, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr):
+    """o = scale [(q * e) h + P vn] for one chunk and BV value columns, from the stored h and vn."""
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    km = valid[:, None] & (rk < K)[None, :]
+    vm = valid[:, None] & (cv < V)[None, :]
+    b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+    b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_h = tl.load(h + ((i_c.to(tl.int64) * HV + i_hv) * K + rk[:, None]) * V + cv[None, :],
+                  mask=(rk < K)[:, None] & (cv < V)[None, :], other=0.0)
+    b_vn = tl.load(vn + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=vm, other=0.0)
+    incl = (r[:, None] >= r[None, :]) & valid[:, None]
+    b_P = tl.dot(b_q, tl.trans(b_k))
+    b_P = tl.where(incl, b_P * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0).to(DT)
+    b_qd = (b_q * tl.exp(b_gc)[:, None]).to(DT)
+    b_o = tl.dot(b_qd, b_h) + tl.dot(b_P, b_vn)
+    tl.store(o + (tok * HV + i_hv)[:, None] * V + cv[None, :], (scale * b_o).to(o.dtype.element_ty), mask=vm)
+
+
+@triton.jit
+def _local_dvn_kernel(q, k, gc, do, dvl, chunks, seq_end, scale, H, HV, K: tl.constexpr, V: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr):
+    """The part of dvn from the chunk's own outputs, scale P^T do, for one chunk and BV value columns: it does not
+    depend on the state, so the backward scans only add (k * exp(gl - gc)) dh to it."""
+    i_c, i_v, i_hv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_hv // (HV // H)
+    DT = k.dtype.element_ty
+    tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
+    r = tl.arange(0, 64)
+    rk = tl.arange(0, BK)
+    cv = i_v * BV + tl.arange(0, BV)
+    km = valid[:, None] & (rk < K)[None, :]
+    vm = valid[:, None] & (cv < V)[None, :]
+    b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
+    b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
+    b_do = tl.load(do + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=vm, other=0.0)
+    # P^T[j, i] = (k_j . q_i) exp(gc_i - gc_j) for i >= j, formed directly (no transposed dot result)
+    upper = (r[:, None] <= r[None, :]) & valid[None, :]
+    b_PT = tl.dot(b_k, tl.trans(b_q))
+    b_PT = tl.where(upper, b_PT * tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0).to(DT)
+    tl.store(dvl + (tok * HV + i_hv)[:, None] * V + cv[None, :], (scale * tl.dot(b_PT, b_do)).to(dvl.dtype.element_ty),
+             mask=vm)
+
+
+@triton.jit
 def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
-                    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    HV, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     KB: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
     """Fold the segments of one sequence: X(next) = M X + F, writing each segment's entering X to seg_state.
 
@@ -277,8 +332,8 @@ def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
 
 
 @triton.jit
-def _bwd_scan_kernel(q, k, w, gc, do, dh, dvn, seg_dinit, gsum, dh0, segs, scale,
-                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+def _bwd_scan_kernel(q, k, w, gc, do, dvl, dh, dvn, seg_dinit, gsum, dh0, segs, scale,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr,
                      SUMMARY: tl.constexpr, STORE_DH: tl.constexpr, HAS_INIT: tl.constexpr, STORE_DH0: tl.constexpr):
     """Run one segment's chunks backwards for BV columns of the state gradient D (module docstring).
@@ -318,13 +373,11 @@ def _bwd_scan_kernel(q, k, w, gc, do, dh, dvn, seg_dinit, gsum, dh0, segs, scale
         b_w = tl.load(w + (tok * HV + i_hv)[:, None] * K + rk[None, :], mask=km, other=0.0)
         b_do = tl.load(do + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=valid[:, None] & (cv < V)[None, :],
                        other=0.0)
-        # P^T[j, i] = (k_j . q_i) exp(gc_i - gc_j) for i >= j, formed directly (no transposed dot result)
-        upper = (r[:, None] <= r[None, :]) & valid[None, :]
-        b_PT = tl.dot(b_k, tl.trans(b_q))
-        b_PT = tl.where(upper, b_PT * tl.exp(tl.where(upper, b_gc[None, :] - b_gc[:, None], 0.0)), 0.0)
+        b_dvl = tl.load(dvl + (tok * HV + i_hv)[:, None] * V + cv[None, :], mask=valid[:, None] & (cv < V)[None, :],
+                        other=0.0)
         to_end = tl.where(valid, tl.exp(tl.where(valid, b_gl - b_gc, 0.0)), 0.0)
         b_kd = (b_k * to_end[:, None]).to(DT)
-        b_dvn = scale * tl.dot(b_PT.to(DT), b_do) + tl.dot(b_kd, D.to(DT))
+        b_dvn = b_dvl.to(tl.float32) + tl.dot(b_kd, D.to(DT))
         if STORE_DH:
             tl.store(dvn + (tok * HV + i_hv)[:, None] * V + cv[None, :], b_dvn.to(dvn.dtype.element_ty),
                      mask=valid[:, None] & (cv < V)[None, :])
@@ -339,7 +392,7 @@ def _bwd_scan_kernel(q, k, w, gc, do, dh, dvn, seg_dinit, gsum, dh0, segs, scale
 
 @triton.jit
 def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_end, scale,
-                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
     """Backward, first half, per (chunk, value head): the gradients through the outputs and the leaving state.
 
@@ -404,7 +457,7 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
 
 @triton.jit
 def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
-                     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
     """Backward, second half, per (chunk, value head): through vn = u - w h and the UT transform.
 
@@ -498,8 +551,10 @@ class Layout:
 
 
 def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: torch.device) -> int:
-    """Chunks per segment: about sqrt(chunks / 2), which balances the depth 2 L + chunks / L, unless the
-    unsegmented pass already has enough programs to fill the GPU (or no GPU: the interpreter gains nothing)."""
+    """Chunks per segment: about sqrt(chunks) (a power of two), which balances the scans' depth 2 L against the
+    fold's chunks / L steps (the fold's steps cost more: 32 at 65k tokens measured best on an H100, NOTES.md),
+    unless the unsegmented pass already has enough programs to fill the GPU (or no GPU: the interpreter gains
+    nothing)."""
     override = os.environ.get("LCTRAIN_GDN_SEGMENT_CHUNKS")
     if override:
         return max(1, int(override))
@@ -507,7 +562,7 @@ def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: 
         return max(1, longest_chunks)
     if programs_per_segment >= 4 * torch.cuda.get_device_properties(device).multi_processor_count:
         return longest_chunks
-    return 2 ** max(0, round(math.log2(math.sqrt(longest_chunks / 2))))
+    return 2 ** max(0, round(math.log2(math.sqrt(longest_chunks))))
 
 
 def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device,
@@ -541,19 +596,24 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-# Per kernel role: (state columns per program, warps, pipeline stages), for K = V = 128 on sm_90. Chosen from
-# compiles for sm_90 without a GPU (registers and spills: benchmarks/NOTES.md) and then timings; state column
-# blocks shrink for wider keys so that a program's K x columns float32 tile stays at 128 x 64.
+# Per kernel role: (columns per program, warps, pipeline stages) for K = V = 128 on sm_90, chosen from compiles for
+# sm_90 without a GPU (registers, spills, programs per SM: benchmarks/NOTES.md) and GPU timings. State column
+# blocks shrink for wider keys so that a program's K x columns float32 tile stays at 128 x 64 at most.
 TUNING = {
-    "prepare": (64, 4, 1),  # _wy_prepare_kernel (the columns are u's)
-    "summary": (64, 8, 2),  # _fwd_scan_kernel, SUMMARY
-    "output": (32, 4, 2),  # _fwd_scan_kernel, OUTPUT
-    "states": (64, 8, 2),  # _fwd_scan_kernel, STORE_H (backward)
+    "prepare": (64, 4, 1),  # _wy_prepare_kernel (columns of u)
+    "summary": (32, 4, 2),  # _fwd_scan_kernel, SUMMARY
+    "states": (32, 4, 2),  # _fwd_scan_kernel, writing h and vn
+    "output": (64, 4, 1),  # _output_kernel
     "combine": (64, 8, 1),  # _combine_kernel
+    "local_dvn": (64, 4, 1),  # _local_dvn_kernel
     "grad_summary": (32, 8, 2),  # _bwd_scan_kernel, SUMMARY
-    "grad_scan": (32, 8, 2),  # _bwd_scan_kernel, STORE_DH
+    "grad_scan": (32, 8, 2),  # _bwd_scan_kernel, writing dh and dvn
     "grads": (64, 8, 1),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
 }
+# Keep the forward's w, T, h, vn and gc for the backward (about 4.5 values per token and head plus K x V per chunk:
+# ~1.2 GB per layer at 65k tokens, 16 heads of 128) instead of recomputing them there (a UT transform and a state
+# scan, ~30% of the backward's time). False trades that time for memory.
+KEEP_FORWARD_STATES = True
 
 
 def _tuned(role: str, K: int, V: int) -> tuple[int, int, int]:
@@ -589,20 +649,23 @@ def _launch(kernel, grid, configs, *args, **constexprs):
     raise error
 
 
-def wy_prepare(k, v, g, beta, layout: Layout, store_T: bool):
-    """gc (float32 [B, T, HV]), T = (I + A)^-1 ([B, T, HV, 64] or None), w ([B, T, HV, K]), u ([B, T, HV, V])."""
+def wy_prepare(k, v, g, beta, layout: Layout):
+    """gc (float32 [B, T, HV]), T = (I + A)^-1 ([B, T, HV, 64]), w ([B, T, HV, K]), u ([B, T, HV, V])."""
     B, T, H, K = k.shape
     HV, V = v.shape[2], v.shape[3]
     gc = new_output((B, T, HV), torch.float32, k.device)
-    A_inv = new_output((B, T, HV, CHUNK), k.dtype, k.device) if store_T else None
+    Y = new_output((B, T, HV, 16), torch.float32, k.device)
+    A_inv = new_output((B, T, HV, CHUNK), k.dtype, k.device)
     w = new_output((B, T, HV, K), k.dtype, k.device)
     u = new_output((B, T, HV, V), k.dtype, k.device)
     BK = _pow2(K)
     BV, warps, stages = _tuned("prepare", K, V)
+    precision = "tf32x3" if k.dtype == torch.float32 else "tf32"
+    _launch(_diag_block_inverse_kernel, (layout.num_chunks * 4, HV), _configs(1, 1),
+            k, g, beta, Y, layout.chunks, layout.seq_end, H, HV, K=K, BK=BK, PRECISION=precision)
     _launch(_wy_prepare_kernel, (layout.num_chunks, HV), _configs(warps if BK <= 128 else 8, stages),
-            k, v, g, beta, gc, A_inv if store_T else gc, w, u, layout.chunks, layout.seq_end,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), STORE_T=store_T,
-            PRECISION="tf32x3" if k.dtype == torch.float32 else "tf32")
+            k, v, g, beta, Y, gc, A_inv, w, u, layout.chunks, layout.seq_end, H, HV,
+            K=K, V=V, BK=BK, BV=BV, NV=triton.cdiv(V, BV), PRECISION=precision)
     return gc, A_inv, w, u
 
 
@@ -610,15 +673,13 @@ def forward_summary(k, w, u, gc, layout: Layout):
     """[M | E] of every segment: float32 [S, HV, K, K + V]."""
     B, T, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
-    BK = _pow2(K)
     BV, warps, stages = _tuned("summary", K, V)
     nbm = triton.cdiv(K, BV)
     nb = nbm + triton.cdiv(V, BV)
     summary = new_output((layout.num_segs, HV, K, K + V), torch.float32, k.device)
     _launch(_fwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
-            k, k, w, u, gc, u, u, u, summary, summary, summary, layout.segs, 1.0,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, NBM=nbm,
-            SUMMARY=True, OUTPUT=False, STORE_H=False, HAS_INIT=False, STORE_FINAL=False)
+            k, w, u, gc, u, u, summary, summary, summary, layout.segs, H, HV,
+            K=K, V=V, BK=_pow2(K), BV=BV, NB=nb, NBM=nbm, SUMMARY=True, HAS_INIT=False, STORE_FINAL=False)
     return summary
 
 
@@ -627,46 +688,63 @@ def combine(summary, affine, init, layout: Layout, K: int, V: int, reverse: bool
     HV = summary.shape[1]
     BK = _pow2(K)
     BV, warps, stages = _tuned("combine", K, V)
-    KB = min(BK, 64)
     seg_state = new_output((layout.num_segs, HV, K, V), torch.float32, summary.device)
     stride = affine.shape[-1]
     if not reverse:
         affine = affine[..., K:]  # E: the columns after M
     _launch(_combine_kernel, (layout.num_seqs, HV, triton.cdiv(V, BV)), _configs(warps, stages),
-            summary, affine, stride, init if init is not None else summary, seg_state, layout.seq_segs,
-            HV=HV, K=K, V=V, BK=BK, BV=BV, KB=KB, REVERSE=reverse, HAS_INIT=init is not None)
+            summary, affine, stride, init if init is not None else summary, seg_state, layout.seq_segs, HV,
+            K=K, V=V, BK=BK, BV=BV, KB=min(BK, 64), REVERSE=reverse, HAS_INIT=init is not None)
     return seg_state
 
 
-def forward_scan(q, k, w, u, gc, seg_init, layout: Layout, scale: float, output: bool, store_h: bool,
-                 output_final_state: bool, out_dtype):
-    """Outputs o [B, T, HV, V], chunk states h [NC, HV, K, V] with pseudo-values vn [B, T, HV, V] (input
-    dtype), and final states [N, HV, K, V]."""
+def state_scan(k, w, u, gc, seg_init, layout: Layout, output_final_state: bool):
+    """Every chunk's entering state h [NC, HV, K, V] and pseudo-values vn [B, T, HV, V] (input dtype), and the
+    final states [N, HV, K, V] (float32) if asked."""
     B, T, H, K = k.shape
     HV, V = u.shape[2], u.shape[3]
-    BK = _pow2(K)
-    BV, warps, stages = _tuned("output" if output else "states", K, V)
-    o = new_output((B, T, HV, V), out_dtype, k.device) if output else None
-    h = new_output((layout.num_chunks, HV, K, V), k.dtype, k.device) if store_h else None
-    vn = new_output((B, T, HV, V), k.dtype, k.device) if store_h else None
+    BV, warps, stages = _tuned("states", K, V)
+    h = new_output((layout.num_chunks, HV, K, V), k.dtype, k.device)
+    vn = new_output((B, T, HV, V), k.dtype, k.device)
     final = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if output_final_state else None
-    dummy = gc
     nb = triton.cdiv(V, BV)
     _launch(_fwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
-            q, k, w, u, gc, o if output else dummy, h if store_h else dummy, vn if store_h else dummy,
-            seg_init if seg_init is not None else dummy, dummy, final if output_final_state else dummy,
-            layout.segs, scale,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, NBM=0, SUMMARY=False, OUTPUT=output, STORE_H=store_h,
-            HAS_INIT=seg_init is not None, STORE_FINAL=output_final_state)
-    return o, (h, vn), final
+            k, w, u, gc, h, vn, seg_init if seg_init is not None else gc, gc, final if final is not None else gc,
+            layout.segs, H, HV, K=K, V=V, BK=_pow2(K), BV=BV, NB=nb, NBM=0, SUMMARY=False,
+            HAS_INIT=seg_init is not None, STORE_FINAL=final is not None)
+    return h, vn, final
 
 
-def backward_scan(q, k, w, gc, do, seg_dinit, layout: Layout, scale: float, summary: bool, want_dh0: bool):
+def _per_chunk_grid(role, layout: Layout, HV: int, K: int, V: int):
+    BV, warps, stages = _tuned(role, K, V)
+    return (layout.num_chunks, triton.cdiv(V, BV), HV), BV, _configs(warps, stages)
+
+
+def output(q, k, gc, h, vn, layout: Layout, scale: float, out_dtype):
+    B, T, H, K = q.shape
+    HV, V = vn.shape[2], vn.shape[3]
+    o = new_output((B, T, HV, V), out_dtype, q.device)
+    grid, BV, configs = _per_chunk_grid("output", layout, HV, K, V)
+    _launch(_output_kernel, grid, configs, q, k, gc, h, vn, o, layout.chunks, layout.seq_end, scale, H, HV,
+            K=K, V=V, BK=_pow2(K), BV=BV)
+    return o
+
+
+def local_dvn(q, k, gc, do, layout: Layout, scale: float):
+    B, T, H, K = q.shape
+    HV, V = do.shape[2], do.shape[3]
+    dvl = new_output((B, T, HV, V), k.dtype, q.device)
+    grid, BV, configs = _per_chunk_grid("local_dvn", layout, HV, K, V)
+    _launch(_local_dvn_kernel, grid, configs, q, k, gc, do, dvl, layout.chunks, layout.seq_end, scale, H, HV,
+            K=K, V=V, BK=_pow2(K), BV=BV)
+    return dvl
+
+
+def backward_scan(q, k, w, gc, do, dvl, seg_dinit, layout: Layout, scale: float, summary: bool, want_dh0: bool):
     """SUMMARY: G of every segment (float32 [S, HV, K, V]); otherwise dh [NC, HV, K, V], dvn [B, T, HV, V] and
     dh0 [N, HV, K, V] (or None)."""
     B, T, H, K = k.shape
     HV, V = do.shape[2], do.shape[3]
-    BK = _pow2(K)
     BV, warps, stages = _tuned("grad_summary" if summary else "grad_scan", K, V)
     dummy = gc
     gsum = new_output((layout.num_segs, HV, K, V), torch.float32, k.device) if summary else None
@@ -675,42 +753,46 @@ def backward_scan(q, k, w, gc, do, seg_dinit, layout: Layout, scale: float, summ
     dh0 = new_output((layout.num_seqs, HV, K, V), torch.float32, k.device) if want_dh0 and not summary else None
     nb = triton.cdiv(V, BV)
     _launch(_bwd_scan_kernel, (layout.num_segs * nb, HV), _configs(warps, stages),
-            q, k, w, gc, do, dh if dh is not None else dummy, dvn if dvn is not None else dummy,
+            q, k, w, gc, do, dvl, dh if dh is not None else dummy, dvn if dvn is not None else dummy,
             seg_dinit if seg_dinit is not None else dummy, gsum if summary else dummy,
-            dh0 if dh0 is not None else dummy, layout.segs, scale,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, NB=nb, SUMMARY=summary, STORE_DH=not summary,
+            dh0 if dh0 is not None else dummy, layout.segs, scale, H, HV,
+            K=K, V=V, BK=_pow2(K), BV=BV, NB=nb, SUMMARY=summary, STORE_DH=not summary,
             HAS_INIT=seg_dinit is not None, STORE_DH0=dh0 is not None)
     return gsum if summary else (dh, dvn, dh0)
 
 
-def chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout: Layout, output: bool = True):
-    """o, final state, and what the backward keeps: each segment's entering state and the forward summary."""
+def forward_states(k, v, g, beta, initial_state, output_final_state, layout: Layout):
+    """Everything the outputs and the backward need: (gc, T, w, h, vn), the final states, each segment's entering
+    state and the forward summary (None when no sequence has several segments)."""
     K, V = k.shape[-1], v.shape[-1]
-    gc, _, w, u = wy_prepare(k, v, g, beta, layout, store_T=False)
+    gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout)
     summary = None
     seg_init = initial_state
     if layout.segmented:
         summary = forward_summary(k, w, u, gc, layout)
         seg_init = combine(summary, summary, initial_state, layout, K, V, reverse=False)
-    o = final = None
-    if output or output_final_state:
-        o, _, final = forward_scan(q, k, w, u, gc, seg_init, layout, scale, output, False, output_final_state,
-                                   v.dtype)
-    return o, final, seg_init, summary
+    h, vn, final = state_scan(k, w, u, gc, seg_init, layout, output_final_state)
+    return (gc, A_inv, w, h, vn), final, seg_init, summary
 
 
-def chunk_backward(q, k, v, g, beta, scale, seg_init, summary, do, dht, layout: Layout, want_dh0: bool):
-    """dq, dk [B, T, H, K] (float32 when value heads share key heads), dv, dbeta, dg, dh0."""
+def chunk_backward(q, k, v, g, beta, scale, kept, seg_init, summary, do, dht, layout: Layout, want_dh0: bool):
+    """dq, dk [B, T, H, K], dv, dbeta, dg, dh0; ``kept`` is forward_states' (gc, T, w, h, vn), or None to recompute
+    it from each segment's entering state."""
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout, store_T=True)
-    _, (h, vn), _ = forward_scan(q, k, w, u, gc, seg_init, layout, scale, False, True, False, v.dtype)
-    del u
+    if kept is None:
+        gc, A_inv, w, u = wy_prepare(k, v, g, beta, layout)
+        h, vn, _ = state_scan(k, w, u, gc, seg_init, layout, False)
+        del u
+    else:
+        gc, A_inv, w, h, vn = kept
+    dvl = local_dvn(q, k, gc, do, layout, scale)
     seg_dinit = dht
     if layout.segmented:
-        gsum = backward_scan(q, k, w, gc, do, None, layout, scale, summary=True, want_dh0=False)
+        gsum = backward_scan(q, k, w, gc, do, dvl, None, layout, scale, summary=True, want_dh0=False)
         seg_dinit = combine(summary, gsum, dht, layout, K, V, reverse=True)
-    dh, dvn, dh0 = backward_scan(q, k, w, gc, do, seg_dinit, layout, scale, summary=False, want_dh0=want_dh0)
+    dh, dvn, dh0 = backward_scan(q, k, w, gc, do, dvl, seg_dinit, layout, scale, summary=False, want_dh0=want_dh0)
+    del dvl
     grouped = HV != H
     qk_grad_dtype = torch.float32 if grouped else q.dtype
     dq = new_output((B, T, HV, K), qk_grad_dtype, q.device)
@@ -721,11 +803,12 @@ def chunk_backward(q, k, v, g, beta, scale, seg_init, summary, do, dht, layout: 
     dgc = new_output((B, T, HV), torch.float32, q.device)
     scratch = torch.empty(layout.num_chunks * HV * CHUNK * CHUNK, dtype=torch.float32, device=q.device)
     BV, warps, stages = _tuned("grads", K, V)
-    sizes = dict(H=H, HV=HV, K=K, V=V, BK=_pow2(K), BV=BV, NV=triton.cdiv(V, BV))
+    sizes = dict(K=K, V=V, BK=_pow2(K), BV=BV, NV=triton.cdiv(V, BV))
     _launch(_grads_qk_kernel, (layout.num_chunks, HV), _configs(warps, stages),
-            q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, layout.chunks, layout.seq_end, scale, **sizes)
+            q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, layout.chunks, layout.seq_end, scale, H, HV, **sizes)
     _launch(_grads_wy_kernel, (layout.num_chunks, HV), _configs(warps, stages),
-            k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, **sizes)
+            k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, H, HV,
+            **sizes)
     if grouped:
         dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
         dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
@@ -739,18 +822,21 @@ class ChunkGatedDeltaRule(torch.autograd.Function):
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, segment_chunks):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
-        programs = HV * triton.cdiv(V, _tuned("output", K, V)[0])  # per segment, in the output scan
+        programs = HV * triton.cdiv(V, _tuned("states", K, V)[0])  # per segment, in the state scan
         layout = build_layout(B, T, cu_seqlens, q.device, segment_chunks, programs)
-        o, final, seg_init, summary = chunk_forward(q, k, v, g, beta, scale, initial_state, output_final_state, layout)
-        ctx.save_for_backward(q, k, v, g, beta, seg_init, summary)
+        kept, final, seg_init, summary = forward_states(k, v, g, beta, initial_state, output_final_state, layout)
+        gc, _, _, h, vn = kept
+        o = output(q, k, gc, h, vn, layout, scale, v.dtype)
+        ctx.keep = KEEP_FORWARD_STATES
+        ctx.save_for_backward(q, k, v, g, beta, seg_init, summary, *(kept if ctx.keep else ()))
         ctx.layout, ctx.scale, ctx.has_initial_state = layout, scale, initial_state is not None
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, beta, seg_init, summary = ctx.saved_tensors
+        q, k, v, g, beta, seg_init, summary, *kept = ctx.saved_tensors
         dq, dk, dv, dbeta, dg, dh0 = chunk_backward(
-            q, k, v, g, beta, ctx.scale, seg_init, summary, do.contiguous(),
+            q, k, v, g, beta, ctx.scale, kept if ctx.keep else None, seg_init, summary, do.contiguous(),
             None if dht is None else dht.contiguous(), ctx.layout, want_dh0=ctx.has_initial_state)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None, None
 

@@ -13,13 +13,13 @@ import triton.language as tl
 
 from lctrain.kernels.common import new_output, use_triton
 from lctrain.kernels.gated_delta.checks import check_inputs
-from lctrain.kernels.gated_delta.chunk import build_layout, chunk_backward, chunk_forward
+from lctrain.kernels.gated_delta.chunk import build_layout, chunk_backward, forward_states
 from lctrain.kernels.gated_delta.chunk_torch import chunk_gated_delta_rule_torch
 
 
 @triton.jit
 def _fused_recurrent_kernel(q, k, v, g, beta, o, initial_state, final, bounds, scale,
-                            H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                            H, HV, K: tl.constexpr, V: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr):
     n, i_hv, i_v = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     i_h = i_hv // (HV // H)
@@ -68,8 +68,8 @@ class FusedRecurrentGatedDeltaRule(torch.autograd.Function):
         BV = max(16, min(64, triton.next_power_of_2(V), 8192 // BK))
         _fused_recurrent_kernel[(N, HV, triton.cdiv(V, BV))](
             q, k, v, g, beta, o, initial_state if initial_state is not None else o,
-            final if final is not None else o, bounds, scale,
-            H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, HAS_INIT=initial_state is not None, STORE_FINAL=final is not None,
+            final if final is not None else o, bounds, scale, H, HV,
+            K=K, V=V, BK=BK, BV=BV, HAS_INIT=initial_state is not None, STORE_FINAL=final is not None,
             num_warps=4 if BK * BV <= 4096 else 8)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, cu_seqlens)
         ctx.scale = scale
@@ -81,10 +81,9 @@ class FusedRecurrentGatedDeltaRule(torch.autograd.Function):
         B, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]
         layout = build_layout(B, T, cu_seqlens, q.device, None, HV)
-        _, _, seg_init, summary = chunk_forward(q, k, v, g, beta, ctx.scale, initial_state, False, layout,
-                                                output=False)
+        kept, _, seg_init, summary = forward_states(k, v, g, beta, initial_state, False, layout)
         dq, dk, dv, dbeta, dg, dh0 = chunk_backward(
-            q, k, v, g, beta, ctx.scale, seg_init, summary, do.contiguous(),
+            q, k, v, g, beta, ctx.scale, kept, seg_init, summary, do.contiguous(),
             None if dht is None else dht.contiguous(), layout, want_dh0=initial_state is not None)
         return dq, dk, dv, dg, dbeta, None, dh0, None, None
 
