@@ -109,14 +109,28 @@ SPEC = OpSpec(
 )
 
 
-def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, segments=(8, 16, 32), fla_T: int = 65536):
-    """For the GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a few segment lengths (runtime
-    only: no recompilation) and a per-kernel CUDA time table; lctrain against fla at T = 8192 (relative difference
-    of values and gradients); fla's times at fla_T. Each line is printed as soon as it is measured.
-    Run from benchmarks/:  python -m kernel_ops.gdn"""
+VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segment): runtime knobs of chunk.py
+    ("segments of 16 chunks", {}, True, 16),
+    ("segments of 64 chunks", {}, True, 64),
+    ("recompute forward states", {}, False, None),
+    ("states scan 16 cols, 4 warps", {"states": (16, 4, 2)}, True, None),
+    ("summary 64 cols, 8 warps", {"summary": (64, 8, 2)}, True, None),
+    ("gradient scans 16 cols, 4 warps", {"grad_summary": (16, 4, 2), "grad_scan": (16, 4, 2)}, True, None),
+    ("gradient scans 32 cols, 4 warps", {"grad_summary": (32, 4, 2), "grad_scan": (32, 4, 2)}, True, None),
+    ("output 128 cols, 8 warps", {"output": (128, 8, 1)}, True, None),
+]
+
+
+def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: int = 65536) -> None:
+    """For a GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a per-kernel CUDA time table and
+    the VARIANTS (each compiles its kernels once); lctrain against fla at T = 8192 (relative difference of values
+    and gradients); fla's times at fla_T. Each line is printed as soon as it is measured.
+    Run from benchmarks/:  python -m kernel_ops.gdn [lengths...]"""
     import os
 
     from harness import time_ms
+
+    import lctrain.kernels.gated_delta.chunk as chunk
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     names = ["q", "k", "v", "g", "beta"]
@@ -139,18 +153,26 @@ def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, segments
     for T in lengths:
         f, fb, _ = timings(lct, T)
         print(f"  lctrain T={T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-    for segment in segments:
-        os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
-        f, fb, _ = timings(lct, sweep_T)
-        print(f"  lctrain T={sweep_T} segment_chunks={segment}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-    os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
     _, _, fwd_bwd = timings(lct, sweep_T)
     fwd_bwd(0)
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd_bwd(0)
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=50), flush=True)
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]:
+        print(f"  kernel {event.key[:40]:40s} calls {event.count:3d} total {event.device_time_total / 1e3:8.3f} ms",
+              flush=True)
+    defaults = dict(chunk.TUNING)
+    for label, overrides, keep, segment in VARIANTS:
+        chunk.TUNING.update(overrides)
+        chunk.KEEP_FORWARD_STATES = keep
+        if segment:
+            os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
+        f, fb, _ = timings(lct, sweep_T)
+        print(f"  variant T={sweep_T} {label}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        chunk.TUNING.update(defaults)
+        chunk.KEEP_FORWARD_STATES = True
+        os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
 
     fla = _fla()
     if fla.unavailable is not None:
