@@ -10,10 +10,18 @@ if ! python3 -c "import ray, deepspeed, megatron.core" 2>/dev/null; then
 fi
 echo "bundle ready after $(( $(date +%s) - start )) s"
 python3 - <<'PY'
-import importlib.util, ray
-print("ray", ray.__version__, "| job server deps:", "present" if importlib.util.find_spec("aiohttp_cors") else "missing")
+import importlib, ray
+needed = ["aiohttp", "aiohttp_cors", "grpc", "opencensus", "opentelemetry.exporter.prometheus", "opentelemetry.proto",
+          "prometheus_client", "pydantic"]  # what ray.dashboard.optional_deps imports: the job server's requirements
+missing = []
+for name in needed:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        missing.append(name)
+print("ray", ray.__version__, "| job server dependencies missing:", ", ".join(missing) or "none")
 PY
 # The Python side stops its cluster in a finally block; this trap is the backstop if it is killed.
 trap 'python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true' EXIT
 left=$(( 290 - ($(date +%s) - start) ))
-timeout -k 10 "$left" python3 benchmarks/ray_gpu_check.py --out "${OUT:-/tmp/ray_gpu_check}"
+timeout -k 10 "$left" python3 benchmarks/ray_gpu_check.py --out "${OUT:-/tmp/ray_gpu_check}" --budget $(( left - 15 ))

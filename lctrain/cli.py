@@ -139,11 +139,11 @@ def _demo_report(run_dir: pathlib.Path) -> None:
 def cmd_submit(args) -> int:
     """Ray job: check the config here, submit it, follow its logs (lctrain.ray.jobs)."""
     from lctrain.ray import jobs
-    from lctrain.ray.entrypoint import scaling_from
+    from lctrain.ray.entrypoint import key_value, scaling_from
 
     if args.no_wait and args.timeout:
         raise ConfigError("--timeout bounds following the job; it cannot be combined with --no-wait")
-    env = dict(_key_value("--env", e) for e in args.env)
+    env = dict(key_value("--env", e) for e in args.env)
     scaling = scaling_from(args)
     config = _load(args)
     job_id = None
@@ -191,12 +191,6 @@ def cmd_jobs(args) -> int:
         print(f"lctrain: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def _key_value(flag: str, text: str) -> tuple[str, str]:
-    if "=" not in text or not text.split("=", 1)[0]:
-        raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}")
-    return tuple(text.split("=", 1))
 
 
 def _cluster_args(parser: argparse.ArgumentParser) -> None:

@@ -54,8 +54,9 @@ def job_command(cluster: LocalCluster, config: str, run_dir: pathlib.Path, overr
                str(cluster.token_file), "--config", config, *sets, *scaling.args(), "--timeout", f"{timeout:g}",
                *[a for k, v in env.items() for a in ("--env", f"{k}={v}")]]
         return cmd, {}
-    cmd = [sys.executable, "-m", "lctrain.ray.entrypoint", "--config", config, *sets, *scaling.args()]
-    return cmd, {"RAY_ADDRESS": cluster.gcs_address, "PYTHONUNBUFFERED": "1", **env}
+    cmd = [sys.executable, "-m", "lctrain.ray.entrypoint", "--config", config, *sets, *scaling.args(),
+           *[a for k, v in env.items() for a in ("--env", f"{k}={v}")]]
+    return cmd, {"RAY_ADDRESS": cluster.gcs_address, "PYTHONUNBUFFERED": "1"}
 
 
 def report(run_dir: pathlib.Path) -> None:

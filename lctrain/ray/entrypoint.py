@@ -2,7 +2,7 @@
 node of a running cluster (RAY_ADDRESS, or the local cluster):
 
     python -m lctrain.ray.entrypoint --config FILE [--set k=v ...] [--num-workers N --gpus-per-worker G
-                                     --cpus-per-worker C --max-failures F]
+                                     --cpus-per-worker C --max-failures F] [--env KEY=VALUE ...]
 
 Checks the config, its inputs (tokenizer, prepared data) and the cluster's resources before any worker starts: a
 problem ends the job with one line and exit status 2, so the job fails at once instead of waiting for resources that
@@ -12,6 +12,7 @@ never come. Then trains with a TorchTrainer (lctrain.ray.trainer); exit status 1
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 
@@ -35,6 +36,13 @@ def scaling_from(args) -> Scaling:
     return scaling
 
 
+def key_value(flag: str, text: str) -> tuple[str, str]:
+    if "=" not in text or not text.split("=", 1)[0]:
+        raise ConfigError(f"{flag} expects KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key, value
+
+
 def check_resources(scaling: Scaling) -> None:
     """Fail now if the cluster can never hold the workers (Ray would otherwise wait for them forever)."""
     import ray
@@ -52,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML run config")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     scaling_args(parser)
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable of every Ray Train worker (repeatable; a submitted job passes its "
+                             "variables in its runtime_env instead)")
     args = parser.parse_args(argv)
     try:
         scaling = scaling_from(args)
+        env = dict(key_value("--env", e) for e in args.env)
         config = absolute_paths(load_config(args.config, args.overrides), pathlib.Path.cwd())
         check_config(config, scaling.num_workers)
         from lctrain.train.loop import check_inputs
@@ -62,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         check_inputs(config)
         import ray
 
-        ray.init(address="auto")  # the job's cluster (RAY_ADDRESS is set for a job), never a new local one
+        ray.init(address="auto",  # the job's cluster (RAY_ADDRESS is set for a job), never a new local one
+                 runtime_env={"env_vars": env} if env else None)
         check_resources(scaling)
     except ConfigError as e:
         print(f"lctrain: error: {e}", file=sys.stderr, flush=True)
@@ -70,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"lctrain: training {config.run_dir} on {scaling.num_workers} Ray Train workers "
           f"({scaling.gpus_per_worker:g} GPUs, {scaling.cpus_per_worker:g} CPUs each; up to {scaling.max_failures} restarts)",
           flush=True)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # Ray Train would print each line of lctrain twice
     from ray.train import TrainingFailedError
 
     try:

@@ -109,7 +109,7 @@ def submit(client, config: RunConfig, scaling: Scaling, storage: pathlib.Path, e
     entrypoint = shlex.join(["python", "-m", "lctrain.ray.entrypoint", "--config", "run_config.yaml", *scaling.args()])
     with tempfile.TemporaryDirectory(prefix="lctrain-job-") as tmp:
         runtime_env = {"working_dir": str(stage_working_dir(config, pathlib.Path(tmp))),
-                       "env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **env}}
+                       "env_vars": {"PYTHONUNBUFFERED": "1", **env}}
         with _cluster_errors(client.get_address()):
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
                                      metadata={"lctrain_run_dir": config.run_dir})
