@@ -122,9 +122,9 @@ VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segmen
 
 
 def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: int = 65536) -> None:
-    """For a GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a per-kernel CUDA time table and
-    the VARIANTS (each compiles its kernels once); lctrain against fla at T = 8192 (relative difference of values
-    and gradients); fla's times at fla_T. Each line is printed as soon as it is measured.
+    """For a GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a per-kernel CUDA time table;
+    lctrain against fla at T = 8192 (relative difference of values and gradients) and fla's times at fla_T; then
+    the VARIANTS at sweep_T (each compiles its kernels once). Each line is printed as soon as it is measured.
     Run from benchmarks/:  python -m kernel_ops.gdn [lengths...]"""
     import os
 
@@ -162,6 +162,22 @@ def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: i
     for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]:
         print(f"  kernel {event.key[:40]:40s} calls {event.count:3d} total {event.device_time_total / 1e3:8.3f} ms",
               flush=True)
+    fla = _fla()
+    if fla.unavailable is not None:
+        print("  fla:", fla.unavailable, flush=True)
+    else:
+        x = make_inputs(8192, 7, device, dtype)
+        cot = torch.randn_like(x["v"])
+        results = []
+        for impl in (lct, fla):
+            o = impl.forward(x)
+            results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
+        diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
+                 for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
+        print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()},
+              flush=True)
+        f, fb, _ = timings(fla, fla_T)
+        print(f"  fla T={fla_T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
     defaults = dict(chunk.TUNING)
     for label, overrides, keep, segment in VARIANTS:
         chunk.TUNING.update(overrides)
@@ -173,22 +189,6 @@ def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: i
         chunk.TUNING.update(defaults)
         chunk.KEEP_FORWARD_STATES = True
         os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
-
-    fla = _fla()
-    if fla.unavailable is not None:
-        print("  fla:", fla.unavailable, flush=True)
-        return
-    x = make_inputs(8192, 7, device, dtype)
-    cot = torch.randn_like(x["v"])
-    results = []
-    for impl in (lct, fla):
-        o = impl.forward(x)
-        results.append([o, *torch.autograd.grad(o, [x[n] for n in names], cot)])
-    diffs = {n: ((a.float() - b.float()).norm() / b.float().norm()).item()
-             for n, a, b in zip(["o"] + [f"d{n}" for n in names], *results)}
-    print("  lctrain vs fla at T=8192, relative difference:", {k: f"{v:.2e}" for k, v in diffs.items()}, flush=True)
-    f, fb, _ = timings(fla, fla_T)
-    print(f"  fla T={fla_T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":
