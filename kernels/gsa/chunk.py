@@ -53,7 +53,8 @@ from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 
 BT = 64  # chunk length
 BC = 8  # sub-block length of the intra-chunk factorisation
-UNIT_CHUNKS: int | None = None  # chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU)
+# Chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU).
+UNIT_CHUNKS: int | None = None
 # Warps per program. The output kernel holds several [BT, BT] and [BT, 64] float32 tiles: with 4 warps it spills
 # ~1 KB per thread on sm_90, with 8 almost nothing (compiler report, Triton 3.9). The scan fits 4 warps unspilled.
 OUTPUT_WARPS = 8
@@ -473,9 +474,9 @@ def _gate_terms_kernel(scores, p_in, dp, dscores, ds_v, ds_k, s, ds, x, n_elemen
     mask = offs < n_elements
     grad_s = tl.load(ds_v + offs, mask=mask, other=0.0) + tl.load(ds_k + offs, mask=mask, other=0.0)
     tl.store(ds + offs, grad_s.to(ds.dtype.element_ty), mask=mask)
-    terms = (tl.load(p_in + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(dp + offs, mask=mask, other=0.0)
-             + tl.load(scores + offs, mask=mask, other=0.0) * tl.load(dscores + offs, mask=mask, other=0.0).to(tl.float32)
-             - tl.load(s + offs, mask=mask, other=0.0).to(tl.float32) * grad_s)
+    value_pass = tl.load(p_in + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(dp + offs, mask=mask, other=0.0)
+    key_pass = tl.load(scores + offs, mask=mask, other=0.0) * tl.load(dscores + offs, mask=mask, other=0.0).to(tl.float32)
+    terms = value_pass + key_pass - tl.load(s + offs, mask=mask, other=0.0).to(tl.float32) * grad_s
     tl.store(x + offs, terms, mask=mask)
 
 
@@ -689,11 +690,11 @@ class ChunkGSAFunction(torch.autograd.Function):
         return (dq, dk, dv, ds, dg, None, dhk0 if ctx.has_h0[0] else None, dhv0 if ctx.has_h0[1] else None, None)
 
 
-def _check_common(q, k, v, cu_seqlens, scale, names):
+def _check_common(q, k, v, cu_seqlens, scale):
     if q.dim() != 4 or k.shape != q.shape:
-        raise ValueError(f"{names[0]} and {names[1]} must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"q and k must both be [B, T, H, K]; got {tuple(q.shape)} and {tuple(k.shape)}")
     if v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"{names[2]} must be [B, T, H, V] with q's B, T, H; got {tuple(v.shape)} for q {tuple(q.shape)}")
+        raise ValueError(f"v must be [B, T, H, V] with q's B, T, H; got {tuple(v.shape)} for q {tuple(q.shape)}")
     for t in (q, k, v):
         if not t.is_floating_point() or t.device != q.device:
             raise ValueError(f"inputs must be floating tensors on one device; got {t.dtype} on {t.device}")
@@ -708,9 +709,9 @@ def _check_state(state, shape, name):
 
 
 def check_gsa_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens):
-    _check_common(q, k, v, cu_seqlens, scale, ("q", "k", "v"))
+    _check_common(q, k, v, cu_seqlens, scale)
     if s.shape != g.shape or s.dim() != 4 or s.shape[:3] != q.shape[:3]:
-        raise ValueError(f"s and g must both be [B, T, H, M] with q's B, T, H; got {tuple(s.shape)} and {tuple(g.shape)}")
+        raise ValueError(f"s and g must both be [B, T, H, M] with q's B, T, H; got {tuple(s.shape)}, {tuple(g.shape)}")
     if not (s.is_floating_point() and g.is_floating_point()):
         raise ValueError(f"s and g must be floating tensors; got {s.dtype} and {g.dtype}")
     if len({q.dtype, k.dtype, v.dtype, s.dtype}) != 1:
@@ -726,7 +727,7 @@ def check_gsa_inputs(q, k, v, s, g, scale, initial_state, cu_seqlens):
 
 
 def check_gla_inputs(q, k, v, g, scale, initial_state, cu_seqlens, gate_on):
-    _check_common(q, k, v, cu_seqlens, scale, ("q", "k", "v"))
+    _check_common(q, k, v, cu_seqlens, scale)
     if gate_on not in ("key", "value"):
         raise ValueError(f"gate_on must be 'key' or 'value', got {gate_on!r}")
     gate_dim = q.shape[3] if gate_on == "key" else v.shape[3]

@@ -30,7 +30,9 @@ def _documents(batch: int, length: int, cu_seqlens: torch.Tensor | None) -> list
 
 def recurrent_gated_linear_attention(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                                      cu_seqlens=None, gate_on="key"):
-    """Token-by-token gated linear attention in the inputs' dtype. Returns (o [B, T, H, V], final [N, H, K, V] or None)."""
+    """Token-by-token gated linear attention in the inputs' dtype.
+
+    Returns (o [B, T, H, V], final [N, H, K, V] or None)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
@@ -58,7 +60,9 @@ def _scatter(o: torch.Tensor, rows: list[int], times: list[int], values: list[to
 
 
 def recurrent_gsa(q, k, v, s, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """Token-by-token GSA in the inputs' dtype. Returns (o [B, T, H, V], (hk [N, H, K, M], hv [N, H, M, V]) or (None, None))."""
+    """Token-by-token GSA in the inputs' dtype.
+
+    Returns (o [B, T, H, V], (hk [N, H, K, M], hv [N, H, M, V]) or (None, None))."""
     B, T, H, K = q.shape
     M, V = s.shape[-1], v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
