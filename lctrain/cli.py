@@ -179,12 +179,12 @@ def cmd_jobs(args) -> int:
         if args.action == "status":
             state, message = jobs.status(client, args.job_id)
             print(f"{args.job_id}: {state}" + (f": {' '.join(message.split())}" if message else ""))
+        elif args.action == "logs" and args.follow:
+            state = jobs.follow(client, args.job_id, None)
+            print(f"{args.job_id}: {state}")
+            return 0 if state == "SUCCEEDED" else 1
         elif args.action == "logs":
-            if args.follow:
-                state = jobs.follow(client, args.job_id, None)
-                print(f"{args.job_id}: {state}")
-            else:
-                sys.stdout.write(jobs.logs(client, args.job_id))
+            sys.stdout.write(jobs.logs(client, args.job_id))
         else:
             print(f"{args.job_id}: {jobs.stop(client, args.job_id)}")
     except jobs.ClusterError as e:
@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["status", "logs", "stop"])
     p.add_argument("job_id")
     _cluster_args(p)
-    p.add_argument("--follow", action="store_true", help="logs: follow them until the job ends")
+    p.add_argument("--follow", action="store_true", help="logs: follow them until the job ends (exit 1 unless it succeeded)")
     p.set_defaults(func=cmd_jobs)
     return parser
 
