@@ -154,6 +154,7 @@ class Setting:
     dtype: str = "float32"
     tol: float = TOL
     metric: str = "max"  # "max": max |a - b| / max |b|;  "norm": ||a - b|| / ||b||
+    tensor_parallel_size: int = 1  # the processes form tensor-parallel x context-parallel groups
 
     def config(self, *more: str):
         return load_config(None, TINY + [f"data.seq_len={self.seq_len}", *self.overrides, *more])
@@ -230,7 +231,8 @@ def _check_model(setting: Setting, pattern, group, errors):
     device = torch.device(setting.device)
     config = setting.config(f"model.pattern={pattern}")
     torch.manual_seed(0)
-    model = HybridModel(config.model, transformer_config(config.model)).to(device, getattr(torch, setting.dtype))
+    tconfig = transformer_config(config.model, setting.tensor_parallel_size)
+    model = HybridModel(config.model, tconfig).to(device, getattr(torch, setting.dtype))
     batch = _batch(setting)
     layout_full = layout_from_cu_seqlens(batch.cu_seqlens, setting.rows, setting.seq_len).to(device)
     loss_full, count_full = model(batch.input_ids.to(device), layout_full, batch.labels.to(device), loss_chunk_tokens=40)
@@ -245,7 +247,7 @@ def _check_model(setting: Setting, pattern, group, errors):
     totals = _sum_over(group, {"loss": loss.detach().clone(), "count": count.clone()})
     if int(totals["count"]) != int(count_full):
         errors.append(f"model {pattern}: {int(totals['count'])} labelled tokens over the ranks, {int(count_full)} in one")
-    name = f"[{setting.dtype}] model {pattern}"
+    name = f"[{setting.dtype}, tp={setting.tensor_parallel_size}] model {pattern}"
     _close(setting, f"{name} loss", totals["loss"] / count_full, loss_full.detach() / count_full, errors)
     for p in grads_full:
         _close(setting, f"{name} gradient of {p}", grads[p], grads_full[p], errors)
@@ -264,24 +266,25 @@ def _worker(rank: int, size: int, port: int, checks: list[tuple[list, Setting]])
     from lctrain.model.short_conv import ShortConv
     from lctrain.parallel.groups import init_parallel, shutdown_parallel
 
-    init_parallel(1, size)
-    group = parallel_state.get_context_parallel_group()
     errors: list[str] = []
     try:
         for cases, setting in checks:
+            tp = setting.tensor_parallel_size
+            init_parallel(tp, size // tp)
+            group, cp_rank = parallel_state.get_context_parallel_group(), parallel_state.get_context_parallel_rank()
             for case, overrides, interpreted in cases:
                 if on_cpu:  # CPU tensors run the Triton kernels only under the interpreter, else the torch paths
                     os.environ["TRITON_INTERPRET"] = "1" if interpreted else "0"
                 torch.manual_seed(0)
-                name = f"[{setting.dtype}] " + " ".join([case, *overrides])
+                name = f"[{setting.dtype}, tp={tp}] " + " ".join([case, *overrides])
                 if case == "conv":
-                    _check_layer(setting, name, ShortConv(24, 4), group, rank, size, errors)
+                    _check_layer(setting, name, ShortConv(24, 4), group, cp_rank, size // tp, errors)
                 elif case.startswith("model:"):
                     _check_model(setting, case.split(":", 1)[1], group, errors)
                 else:
                     config = setting.config("model.pattern=" + case, *overrides)
-                    mixer = Sublayer(transformer_config(config.model), config.model, case).mixer
-                    _check_layer(setting, name, mixer, group, rank, size, errors)
+                    mixer = Sublayer(transformer_config(config.model, tp), config.model, case).mixer
+                    _check_layer(setting, name, mixer, group, cp_rank, size // tp, errors)
     finally:
         shutdown_parallel()
     assert not errors, f"rank {rank} of {size}: " + "; ".join(errors)
@@ -298,6 +301,7 @@ LAYER_CASES = [("conv", [], False), ("G", [], False), ("W", [], False), ("*", []
                ("B", ["model.block_state.variant=single_head"], False),
                ("B", ["model.block_state.variant=multi_head"], False), ("model:GWS*MB-", [], False)]
 TRITON_CASES = [("model:G-W-*-", [], True)]
+TP_CASES = [("model:GWS*MB-", [], False)]
 
 
 @pytest.mark.slow
@@ -305,8 +309,13 @@ TRITON_CASES = [("model:G-W-*-", [], True)]
 def test_layers_and_model_equal_single_process(size):
     """Every mixer and a model with all of them, on the kernels' torch paths; at 2 processes also a G-W-*- model on
     the gated delta rule's Triton kernels (interpreted: their initial- and final-state gradients are what the scan
-    relies on; 4 interpreted processes sharing 2 cores would take minutes)."""
-    run_equality(size, [(LAYER_CASES + (TRITON_CASES if size == 2 else []), Setting())])
+    relies on; 4 interpreted processes sharing 2 cores would take minutes); at 4 also a model under tensor
+    parallelism 2 x context parallelism 2 (each rank's gradients are of its tensor-parallel shard on both runs)."""
+    checks = [(LAYER_CASES + (TRITON_CASES if size == 2 else []), Setting())]
+    if size == 4:
+        tp_config = ("model.attention.num_kv_heads=2", "model.mamba2.num_groups=2", "parallel.tensor_parallel_size=2")
+        checks.append((TP_CASES, Setting(overrides=tp_config, tensor_parallel_size=2)))
+    run_equality(size, checks)
 
 
 # ------------------------------------------------------------------------------------------------------ training
