@@ -41,9 +41,10 @@ class ContextGroup:
             return (self.earlier_doc_ids.new_full((rows, width), -1), self.earlier_positions.new_zeros(rows, width))
         return self.earlier_doc_ids[:, -width:], self.earlier_positions[:, -width:]
 
-    def previous_tail(self, x_rows: torch.Tensor, doc_rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def previous_tail(self, x_rows: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The previous rank's last ``width`` tokens of x_rows [rows, n, C] (zeros on rank 0) and their document ids
-        [rows, width] (-1 on rank 0), for a causal convolution's halo. The halo's gradient goes to the previous rank."""
+        [rows, width] (-1 on rank 0, known from the batch), for a causal convolution's halo. The halo's gradient goes
+        to the previous rank."""
         if width > x_rows.shape[1]:
             raise ValueError(f"a halo of {width} tokens needs at least {width} tokens per context-parallel rank, "
                              f"got {x_rows.shape[1]}; use fewer ranks or longer sequences")
@@ -64,7 +65,7 @@ class ContextGroup:
             width = window - 1
             if width == 0:
                 return k, v, q_doc, q_pos
-            earlier, k_doc = self.previous_tail(kv, q_doc, width)
+            earlier, k_doc = self.previous_tail(kv, width)
             k_pos = self._earlier_tail(width)[1]
         kv_ext = torch.cat([earlier, kv], 1)
         k_ext, v_ext = kv_ext.split([k.shape[-1], v.shape[-1]], -1)

@@ -124,7 +124,7 @@ class BlockStateLayer(MegatronModule):
         doc = layout.doc_ids.view(rows, n)
         tail = self.num_states if self.variant == "single_head" else 1
         if layout.context is not None:
-            halo, halo_doc = layout.context.previous_tail(c.reshape(rows, n, -1), doc, tail)
+            halo, halo_doc = layout.context.previous_tail(c.reshape(rows, n, -1), tail)
         else:
             halo, halo_doc = c.new_zeros(rows, tail, filters * d), doc.new_full((rows, tail), -1)
         c_ext = torch.cat([halo.view(rows, tail, filters, d), c], 1)  # position p of the rank is c_ext[:, p + tail]

@@ -29,7 +29,7 @@ class ShortConv(torch.nn.Module):
         xr = x.view(rows, n, -1)
         doc = layout.doc_ids.view(rows, n)
         if layout.context is not None:
-            halo, halo_doc = layout.context.previous_tail(xr, doc, width)
+            halo, halo_doc = layout.context.previous_tail(xr, width)
         else:
             halo = xr.new_zeros(rows, width, xr.shape[-1])
             halo_doc = doc.new_full((rows, width), -1)
