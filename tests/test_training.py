@@ -42,8 +42,10 @@ def torchrun(run_dir, *overrides, env=None, check=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "launch" / "train.py"), "--set", f"run_dir={run_dir}", *sum((["--set", o] for o in BASE + [PATTERN]), []),
            *sum((["--set", o] for o in overrides), [])]
+    # The model's torch paths run here (kernels are tested on their own), not the Triton interpreter.
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            env={**base, "OMP_NUM_THREADS": "1", **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

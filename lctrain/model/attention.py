@@ -142,10 +142,13 @@ class Attention(MegatronModule):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         rows, n = layout.rows, layout.row_len
-        q = self.q_proj(x)[0].view(rows, n, self.heads, -1)
+        # Fused projections hold [part_1; part_2] per rank (stride): split the parts first, then the heads.
+        q = self.q_proj(x)[0]
         if self.cfg.output_gate:
             q, gate = q.chunk(2, dim=-1)
-        k, v = self.kv_proj(x)[0].view(rows, n, self.kv_heads, -1).chunk(2, dim=-1)
+            gate = gate.view(rows, n, self.heads, self.head_dim)
+        q = q.view(rows, n, self.heads, self.head_dim)
+        k, v = (t.view(rows, n, self.kv_heads, self.head_dim) for t in self.kv_proj(x)[0].chunk(2, dim=-1))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q_pos = layout.positions.view(rows, n)

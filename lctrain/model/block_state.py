@@ -25,14 +25,12 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import BlockStateConfig
 from lctrain.kernels.ssm_fft import s4d_ssm, s4d_transition
 from lctrain.model.layout import TokenLayout
-from lctrain.model.tp import replicated_parameter
 from lctrain.parallel.state_passing import EntryPass, run_recurrence
 
 
@@ -80,14 +78,17 @@ class BlockStateLayer(MegatronModule):
         filters = c.num_context_states if c.variant == "multi_filter" else 1
         channels, modes = hidden * filters, c.ssm_state_size
         # S4D-Lin initialisation (Gu et al. 2022): A = -1/2 + i pi n, dt log-uniform in [1e-3, 1e-1], B = 1, C ~ N(0, 1/2).
-        self.log_dt = replicated_parameter(torch.nn.Parameter(torch.empty(channels).uniform_(math.log(1e-3), math.log(1e-1))))
-        self.A_real_log = replicated_parameter(torch.nn.Parameter(torch.full((channels, modes), math.log(0.5))))
-        self.A_imag = replicated_parameter(torch.nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32).repeat(channels, 1)))
-        self.B = replicated_parameter(torch.nn.Parameter(torch.stack([torch.ones(channels, modes), torch.zeros(channels, modes)], -1)))
-        self.C = replicated_parameter(torch.nn.Parameter(torch.randn(channels, modes, 2) * math.sqrt(0.5 / 2)))
-        self.skip = replicated_parameter(torch.nn.Parameter(torch.ones(channels)))
+        # The SSM (and the multi_head projection) run whole on every tensor-parallel rank. Their output feeds only
+        # the column-parallel context projection, whose backward sums the input gradient over the ranks, so their
+        # gradients are complete on every rank without further reduction.
+        self.log_dt = torch.nn.Parameter(torch.empty(channels).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.A_real_log = torch.nn.Parameter(torch.full((channels, modes), math.log(0.5)))
+        self.A_imag = torch.nn.Parameter(math.pi * torch.arange(modes, dtype=torch.float32).repeat(channels, 1))
+        self.B = torch.nn.Parameter(torch.stack([torch.ones(channels, modes), torch.zeros(channels, modes)], -1))
+        self.C = torch.nn.Parameter(torch.randn(channels, modes, 2) * math.sqrt(0.5 / 2))
+        self.skip = torch.nn.Parameter(torch.ones(channels))
         if c.variant == "multi_head":
-            self.context_proj = replicated_parameter(torch.nn.Parameter(torch.randn(c.num_context_states * hidden, hidden) * config.init_method_std))
+            self.context_proj = torch.nn.Parameter(torch.randn(c.num_context_states * hidden, hidden) * config.init_method_std)
 
         def column(parts):
             return ColumnParallelLinear(hidden, parts * hidden, config=config, init_method=config.init_method,
@@ -117,9 +118,7 @@ class BlockStateLayer(MegatronModule):
         """Per block: context states [rows, n_blocks, S, D] and the document each belongs to [rows, n_blocks, S]."""
         rows, n, d = layout.rows, layout.row_len, x.shape[-1]
         filters = self.num_states if self.variant == "multi_filter" else 1
-        u = copy_to_tensor_model_parallel_region(x)  # the SSM is replicated; its input gradient is summed over TP
-        if filters > 1:
-            u = u.repeat(1, 1, filters)
+        u = x.repeat(1, 1, filters) if filters > 1 else x
         c = run_recurrence(S4DRecurrence(u, self.ssm_parameters()), layout).view(rows, n, filters, d)
         doc = layout.doc_ids.view(rows, n)
         tail = self.num_states if self.variant == "single_head" else 1
@@ -144,7 +143,8 @@ class BlockStateLayer(MegatronModule):
         rows, n, w = layout.rows, layout.row_len, self.block
         blocks, h, hd = n // w, self.heads, self.head_dim
         context, context_doc = self.context_states(x, layout)
-        q, k, v = self.qkv_proj(x)[0].view(rows, blocks, w, h, 3 * hd).chunk(3, dim=-1)
+        # Fused projections hold [part_1; part_2; ...] per rank (stride): split the parts first, then the heads.
+        q, k, v = (t.reshape(rows, blocks, w, h, hd) for t in self.qkv_proj(x)[0].chunk(3, dim=-1))
         doc = layout.doc_ids.view(rows, blocks, w)
         pos = layout.positions.view(rows, blocks, w)
         # Self-attention inside each block: causal, same document.
@@ -153,7 +153,8 @@ class BlockStateLayer(MegatronModule):
         own = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=visible.reshape(rows * blocks, 1, w, w))
         own = own.transpose(1, 2).reshape(rows, blocks, w, h * hd)
         # Cross-attention to the block's S context states, seen only by tokens of the document they summarise.
-        ck, cv = self.context_kv_proj(context.reshape(1, -1, context.shape[-1]))[0].view(rows, blocks, self.num_states, h, 2 * hd).chunk(2, -1)
+        ck, cv = (t.reshape(rows, blocks, self.num_states, h, hd)
+                  for t in self.context_kv_proj(context.reshape(1, -1, context.shape[-1]))[0].chunk(2, dim=-1))
         scores = torch.einsum("rbwhd,rbshd->rbhws", q.float(), ck.float()) * hd ** -0.5
         allowed = (doc[..., None, :, None] == context_doc[..., None, None, :])  # [rows, blocks, 1, w, S]
         # A finite fill keeps rows with no visible state NaN-free (their weights are then zeroed: output 0).

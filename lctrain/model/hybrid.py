@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, VocabParallelEmbedding
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
@@ -23,6 +22,7 @@ from lctrain.model.layout import TokenLayout
 from lctrain.model.loss import chunked_cross_entropy
 from lctrain.model.norm import RMSNorm
 from lctrain.model.registry import LAYERS
+from lctrain.model.tp import gather_last_dim
 
 
 def ffn_hidden_size(model: ModelConfig) -> int:
@@ -119,4 +119,4 @@ class HybridModel(MegatronModule):
         """Full-vocabulary logits [L, vocab_size] (for evaluation of short inputs and export checks)."""
         hidden = self.hidden_states(input_ids, layout)
         local = (hidden @ self.output_weight.t()).float()
-        return gather_from_tensor_model_parallel_region(local)[:, : self.vocab_size]
+        return gather_last_dim(local)[:, : self.vocab_size]

@@ -32,3 +32,13 @@ def replicated_parameter(param: torch.nn.Parameter) -> torch.nn.Parameter:
 
         param.register_hook(sum_over_ranks)
     return param
+
+
+def gather_last_dim(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate the tensor-parallel ranks' slices along the last dimension (any device; no autograd)."""
+    rank, size = tp_rank_size()
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
