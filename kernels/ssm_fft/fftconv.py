@@ -158,99 +158,114 @@ def _tile_origin(tile, M, J23: tl.constexpr, JC: tl.constexpr):
 
 
 @triton.jit
-def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, R1H,
-                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, work,
+                     R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c.
 
-    Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows buffer's contiguous axis)."""
-    ROW_BLOCKS = R1H // BM
-    pid = tl.program_id(0)
+    Persistent: each program walks (tile, row block) work items with a stride of the grid, so the next tile's loads
+    are pipelined under this one's products. Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows
+    buffer's contiguous axis)."""
+    ROW_BLOCKS: tl.constexpr = R1H // BM
     b = tl.program_id(1)
-    row_block = pid % ROW_BLOCKS
-    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
-    n23_in = n23_0 + tl.arange(0, J23)
-    if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
-        x_row = x_ptr + b.to(tl.int64) * stride_b + c_0.to(tl.int64) * stride_c
-        row_ok = n23_in * 0 + c_0 < channels  # (vector masks throughout: the interpreter rejects scalar ones)
-    else:  # [B, T, C] signal: a [BK, J23, JC] tile, contiguous along channels
-        c_in = c_0 + tl.arange(0, JC)
-        x_cols = x_ptr + b.to(tl.int64) * stride_b + c_in.to(tl.int64)[None, None, :] * stride_c
-    k1 = row_block * BM + tl.arange(0, BM)
-    acc_re = tl.zeros([BM, JC * J23], dtype=tl.float32)
-    acc_im = tl.zeros([BM, JC * J23], dtype=tl.float32)
-    nyquist = tl.zeros([JC * J23], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
-    for start in range(0, R1H, BK):
-        n1 = start + tl.arange(0, BK)
-        if JC == 1:
-            t = n1[:, None] * M + n23_in[None, :]
-            x = tl.load(x_row + t.to(tl.int64) * stride_t, mask=(t < length) & row_ok[None, :], other=0.0)
-        else:
-            t = n1[:, None, None] * M + n23_in[None, :, None]
-            x = tl.load(x_cols + t.to(tl.int64) * stride_t, mask=(t < length) & (c_in < channels)[None, None, :],
-                        other=0.0)
-            x = tl.reshape(tl.permute(x, (0, 2, 1)), (BK, JC * J23))
-        x = x.to(tl.float32)
-        table = k1[:, None] * R1H + n1[None, :]
-        acc_re = tl.dot(tl.load(cos_ptr + table), x, acc_re)
-        acc_im = tl.dot(tl.load(nsin_ptr + table), x, acc_im)
-        nyquist += tl.sum(x * (1 - 2 * (n1 % 2)).to(tl.float32)[:, None], axis=0)
-    j = tl.arange(0, JC * J23)
-    n23 = n23_0 + j % J23
-    c = c_0 + j // J23
-    col_ok = c < channels
-    row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
-    out = row0[None, :] + k1[:, None] * (2 * M)
-    tl.store(out, acc_re, mask=col_ok[None, :])
-    tl.store(out + M, acc_im, mask=col_ok[None, :])
-    last = col_ok & (n23 * 0 + row_block == 0)
-    tl.store(row0 + R1H * 2 * M, nyquist, mask=last)
-    tl.store(row0 + R1H * 2 * M + M, tl.zeros_like(nyquist), mask=last)
+    x_batch = x_ptr + b.to(tl.int64) * stride_b
+    if R1H == BK:  # one chunk, one row block: the tables stay in shared memory for the whole loop
+        whole = tl.arange(0, BK)[:, None] * R1H + tl.arange(0, BK)[None, :]
+        cos_all = tl.load(cos_ptr + whole)
+        nsin_all = tl.load(nsin_ptr + whole)
+    for item in range(tl.program_id(0), work, tl.num_programs(0)):
+        row_block = item % ROW_BLOCKS
+        n23_0, c_0 = _tile_origin(item // ROW_BLOCKS, M, J23, JC)
+        n23_in = n23_0 + tl.arange(0, J23)
+        k1 = row_block * BM + tl.arange(0, BM)
+        acc_re = tl.zeros([BM, JC * J23], dtype=tl.float32)
+        acc_im = tl.zeros([BM, JC * J23], dtype=tl.float32)
+        nyquist = tl.zeros([JC * J23], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
+        for start in tl.static_range(0, R1H, BK):
+            n1 = start + tl.arange(0, BK)
+            if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
+                t = n1[:, None] * M + n23_in[None, :]
+                ok = (t < length) & (t * 0 + c_0 < channels)  # (vector masks: the interpreter rejects scalar ones)
+                x = tl.load(x_batch + c_0.to(tl.int64) * stride_c + t.to(tl.int64) * stride_t, mask=ok, other=0.0)
+            else:  # [B, T, C] signal: a [BK, J23, JC] tile, contiguous along channels
+                c_in = c_0 + tl.arange(0, JC)
+                t = n1[:, None, None] * M + n23_in[None, :, None]
+                x = tl.load(x_batch + c_in.to(tl.int64)[None, None, :] * stride_c + t.to(tl.int64) * stride_t,
+                            mask=(t < length) & (c_in < channels)[None, None, :], other=0.0)
+                x = tl.reshape(tl.permute(x, (0, 2, 1)), (BK, JC * J23))
+            x = x.to(tl.float32)
+            if R1H == BK:
+                acc_re = tl.dot(cos_all, x, acc_re)
+                acc_im = tl.dot(nsin_all, x, acc_im)
+            else:
+                table = k1[:, None] * R1H + n1[None, :]
+                acc_re = tl.dot(tl.load(cos_ptr + table), x, acc_re)
+                acc_im = tl.dot(tl.load(nsin_ptr + table), x, acc_im)
+            nyquist += tl.sum(x * (1 - 2 * (n1 % 2)).to(tl.float32)[:, None], axis=0)
+        j = tl.arange(0, JC * J23)
+        n23 = n23_0 + j % J23
+        c = c_0 + j // J23
+        col_ok = c < channels
+        row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
+        out = row0[None, :] + k1[:, None] * (2 * M)
+        tl.store(out, acc_re, mask=col_ok[None, :])
+        tl.store(out + M, acc_im, mask=col_ok[None, :])
+        last = col_ok & (n23 * 0 + row_block == 0)
+        tl.store(row0 + R1H * 2 * M, nyquist, mask=last)
+        tl.store(row0 + R1H * 2 * M + M, tl.zeros_like(nyquist), mask=last)
 
 
 @triton.jit
-def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, R1H,
-                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, work,
+                      R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2.
 
-    Operand columns j = n23_local * JC + c_local (channel fastest: a time-major output's contiguous axis)."""
-    ROW_BLOCKS = R1H // BM
+    Persistent as _rows_dft_kernel. Operand columns j = n23_local * JC + c_local (channel fastest: a time-major
+    output's contiguous axis)."""
+    ROW_BLOCKS: tl.constexpr = R1H // BM
     SEQ = (R1H + 1) * 2 * M
-    pid = tl.program_id(0)
     b = tl.program_id(1)
-    row_block = pid % ROW_BLOCKS
-    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
-    n23_in = n23_0 + tl.arange(0, J23)
-    if JC == 1:  # one channel: [BK, J23] tiles of its rows
-        rows_in = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + n23_in[None, :]
-        in_ok = (n23_in * 0 + c_0 < channels)[None, :]
-    else:  # [BK, JC, J23] tiles, contiguous along n23, swapped to channel-fastest columns
-        c_in = c_0 + tl.arange(0, JC)
-        rows_in = rows_ptr + (b * channels + c_in).to(tl.int64)[None, :, None] * SEQ + n23_in[None, None, :]
-        in_ok = (c_in < channels)[None, :, None]
-    n1 = row_block * BM + tl.arange(0, BM)
-    acc = tl.zeros([BM, J23 * JC], dtype=tl.float32)
-    for start in range(0, R1H, BK):
-        k1 = start + tl.arange(0, BK)
-        if JC == 1:
-            src = rows_in + (k1 * (2 * M))[:, None]
-            a_re = tl.load(src, mask=in_ok, other=0.0)
-            a_im = tl.load(src + M, mask=in_ok, other=0.0)
-        else:
-            src = rows_in + (k1 * (2 * M))[:, None, None]
-            a_re = tl.reshape(tl.permute(tl.load(src, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
-            a_im = tl.reshape(tl.permute(tl.load(src + M, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
-        table = n1[:, None] * R1H + k1[None, :]
-        acc = tl.dot(tl.load(mc_ptr + table), a_re, acc)
-        acc = tl.dot(tl.load(ms_ptr + table), a_im, acc)
-    j = tl.arange(0, J23 * JC)
-    n23 = n23_0 + j // JC
-    c = c_0 + j % JC
-    col_ok = c < channels
-    nyquist = tl.load(rows_ptr + (b * channels + c).to(tl.int64) * SEQ + R1H * 2 * M + n23, mask=col_ok, other=0.0)
-    acc += ((1 - 2 * (n1 % 2)).to(tl.float32) * (1.0 / N))[:, None] * nyquist[None, :]
-    t = n1[:, None] * M + n23[None, :]
-    dst = y_ptr + b.to(tl.int64) * stride_b + c.to(tl.int64)[None, :] * stride_c + t.to(tl.int64) * stride_t
-    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=(t < length) & col_ok[None, :])
+    y_batch = y_ptr + b.to(tl.int64) * stride_b
+    if R1H == BK:  # one chunk, one row block: the tables stay in shared memory for the whole loop
+        whole = tl.arange(0, BK)[:, None] * R1H + tl.arange(0, BK)[None, :]
+        mc_all = tl.load(mc_ptr + whole)
+        ms_all = tl.load(ms_ptr + whole)
+    for item in range(tl.program_id(0), work, tl.num_programs(0)):
+        row_block = item % ROW_BLOCKS
+        n23_0, c_0 = _tile_origin(item // ROW_BLOCKS, M, J23, JC)
+        n23_in = n23_0 + tl.arange(0, J23)
+        n1 = row_block * BM + tl.arange(0, BM)
+        acc = tl.zeros([BM, J23 * JC], dtype=tl.float32)
+        for start in tl.static_range(0, R1H, BK):
+            k1 = start + tl.arange(0, BK)
+            if JC == 1:  # one channel: [BK, J23] tiles of its rows
+                src = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + (k1 * (2 * M))[:, None] + n23_in[None, :]
+                ok = (n23_in * 0 + c_0 < channels)[None, :]
+                a_re = tl.load(src, mask=ok, other=0.0)
+                a_im = tl.load(src + M, mask=ok, other=0.0)
+            else:  # [BK, JC, J23] tiles, contiguous along n23, swapped to channel-fastest columns
+                c_in = c_0 + tl.arange(0, JC)
+                src = (rows_ptr + (b * channels + c_in).to(tl.int64)[None, :, None] * SEQ
+                       + (k1 * (2 * M))[:, None, None] + n23_in[None, None, :])
+                ok = (c_in < channels)[None, :, None]
+                a_re = tl.reshape(tl.permute(tl.load(src, mask=ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
+                a_im = tl.reshape(tl.permute(tl.load(src + M, mask=ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
+            if R1H == BK:
+                acc = tl.dot(mc_all, a_re, acc)
+                acc = tl.dot(ms_all, a_im, acc)
+            else:
+                table = n1[:, None] * R1H + k1[None, :]
+                acc = tl.dot(tl.load(mc_ptr + table), a_re, acc)
+                acc = tl.dot(tl.load(ms_ptr + table), a_im, acc)
+        j = tl.arange(0, J23 * JC)
+        n23 = n23_0 + j // JC
+        c = c_0 + j % JC
+        col_ok = c < channels
+        nyquist = tl.load(rows_ptr + (b * channels + c).to(tl.int64) * SEQ + R1H * 2 * M + n23, mask=col_ok,
+                          other=0.0)
+        acc += ((1 - 2 * (n1 % 2)).to(tl.float32) * (1.0 / N))[:, None] * nyquist[None, :]
+        t = n1[:, None] * M + n23[None, :]
+        dst = y_batch + c.to(tl.int64)[None, :] * stride_c + t.to(tl.int64) * stride_t
+        tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=(t < length) & col_ok[None, :])
 
 
 # The spectral kernels read their DFT matrices and twiddles from small float32 tables (computed in float64, L1/L2
@@ -276,41 +291,32 @@ def _right_cdot(xr, xi, fr, fi, CONJ: tl.constexpr):
 
 
 @triton.jit
-def _row_spectrum(ar, ai, row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
-    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3].
-
-    tables: F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] (re, im planes) back to back."""
+def _row_factors(row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
+    """Row k1's twiddle W_N^{k1 n23}, F_R2, the inner twiddle W_M^{k2 n3} and F_R3, each as (re, im), from the
+    tables: F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] back to back."""
     M: tl.constexpr = R2 * R3
     i2 = tl.arange(0, R2)
     i3 = tl.arange(0, R3)
     tile = i2[:, None] * R3 + i3[None, :]
-    twr = tl.load(row_twiddle + tile)
-    twi = tl.load(row_twiddle + M + tile)
     f2 = tables + i2[:, None] * R2 + i2[None, :]
-    br, bi = _left_cdot(tl.load(f2), tl.load(f2 + R2 * R2), ar * twr - ai * twi, ar * twi + ai * twr, False)
-    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
-    tir = tl.load(inner)
-    tii = tl.load(inner + M)
     f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
-    return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, tl.load(f3), tl.load(f3 + R3 * R3), False)
+    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
+    return (tl.load(row_twiddle + tile), tl.load(row_twiddle + M + tile), tl.load(f2), tl.load(f2 + R2 * R2),
+            tl.load(inner), tl.load(inner + M), tl.load(f3), tl.load(f3 + R3 * R3))
 
 
 @triton.jit
-def _row_inverse(yr, yi, row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
+def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
+    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3]."""
+    br, bi = _left_cdot(f2r, f2i, ar * twr - ai * twi, ar * twi + ai * twr, False)
+    return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, f3r, f3i, False)
+
+
+@triton.jit
+def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage."""
-    M: tl.constexpr = R2 * R3
-    i2 = tl.arange(0, R2)
-    i3 = tl.arange(0, R3)
-    tile = i2[:, None] * R3 + i3[None, :]
-    f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
-    cr, ci = _right_cdot(yr, yi, tl.load(f3), tl.load(f3 + R3 * R3), True)
-    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
-    tir = tl.load(inner)
-    tii = tl.load(inner + M)
-    f2 = tables + i2[:, None] * R2 + i2[None, :]
-    xr, xi = _left_cdot(tl.load(f2), tl.load(f2 + R2 * R2), cr * tir + ci * tii, ci * tir - cr * tii, True)
-    twr = tl.load(row_twiddle + tile)
-    twi = tl.load(row_twiddle + M + tile)
+    cr, ci = _right_cdot(yr, yi, f3r, f3i, True)
+    xr, xi = _left_cdot(f2r, f2i, cr * tir + ci * tii, ci * tir - cr * tii, True)
     return xr * twr + xi * twi, xi * twr - xr * twi
 
 
@@ -327,17 +333,16 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
     last = tl.minimum(first + items_per_program, batch * channels)
-    twiddle = row_twiddles + k1 * (2 * M)
+    factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
     row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)  # int64 offsets: B C SEQ may pass 2^31
     for item in range(first, last):
         c = item // batch
         k_row = k_rows + (row + c * SEQ)
         offset = row + ((item % batch) * channels + c) * SEQ
-        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), twiddle, tables, R2, R3)
-        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), twiddle,
-                               tables, R2, R3)
-        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, twiddle, tables, R2, R3)
+        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
+        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors)
+        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
         tl.store(y_rows + offset + tile, yr)
         tl.store(y_rows + offset + M + tile, yi)
 
@@ -354,7 +359,7 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
     last = tl.minimum(first + items_per_program, batch * channels)
-    twiddle = row_twiddles + k1 * (2 * M)
+    factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
     row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)
     dkr = tl.zeros([R2, R3], dtype=tl.float32)
@@ -365,19 +370,19 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
         k_row = k_rows + (row + c * SEQ)
         dk_row = dk_rows + (row + c * SEQ)
         dy_row = dy_rows + (row + (b * channels + c) * SEQ)
-        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), twiddle, tables, R2, R3)
+        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors)
         if NEED_DU:  # DY conj(K)
-            kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), twiddle, tables, R2, R3)
-            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, twiddle, tables, R2, R3)
+            kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
+            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors)
             tl.store(dy_row + tile, dur)
             tl.store(dy_row + M + tile, dui)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c) * SEQ)
-            ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), twiddle, tables, R2, R3)
+            ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), *factors)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
-                outr, outi = _row_inverse(dkr, dki, twiddle, tables, R2, R3)
+                outr, outi = _row_inverse(dkr, dki, *factors)
                 tl.store(dk_row + tile, outr)
                 tl.store(dk_row + M + tile, outi)
                 dkr = tl.zeros([R2, R3], dtype=tl.float32)
@@ -412,6 +417,7 @@ class _Signal:
         return _Signal(x, 1, x.shape[0], x.shape[1], 0, 1, x.shape[1])
 
 
+ROWS_PROGRAMS_PER_SM = 2  # persistent rows programs: two 8-warp programs (~100 registers, <= 115 KB) fit an SM
 _INTERPRETER_TILE_COLUMNS = 4096  # few, wide programs: the interpreter pays per program and per op, not per element
 
 
@@ -420,15 +426,22 @@ def _rows_launch(signal: _Signal, plan: FFTPlan):
 
     On GPUs a tile is 64 columns: 8 consecutive n23 (one 32-byte sector of a rows-buffer row) times 8 channels (one
     sector of a time-major [T, C] row), or 64 consecutive n23 of one channel for channel-major signals. (128-column
-    tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 92-126: two.)
+    tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 86-106: two.) Returns the
+    grid, the number of (tile, row block) work items, and the kernel's constants.
     """
     columns = 64 if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 8)
     j23, jc = (columns // 8, 8) if signal.time_major else (min(columns, plan.m), 1)
     bm = bk = min(plan.half_rows, 64)
-    tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
-    grid = (tiles * (plan.half_rows // bm), signal.batch)
-    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
-    return grid, meta
+    work = (plan.m // j23) * triton.cdiv(signal.channels, jc) * (plan.half_rows // bm)
+    programs = work
+    if signal.data.is_cuda:
+        sms = torch.cuda.get_device_properties(signal.data.device).multi_processor_count
+        programs = min(work, ROWS_PROGRAMS_PER_SM * sms)
+    # two stages (the next tile's loads in flight during this tile's products) where the tables are loaded once;
+    # with several chunks (R1/2 > 64) the stage buffers would fill an SM's shared memory for one program
+    stages = 2 if plan.half_rows == bk else 1
+    meta = dict(R1H=plan.half_rows, BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=stages)
+    return (programs, signal.batch), work, meta
 
 
 def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
@@ -436,18 +449,18 @@ def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
     rows = new_output((signal.batch * signal.channels, plan.half_rows + 1, 2, plan.m), torch.float32,
                       signal.data.device)
     cos, nsin, _, _ = _rows_tables(plan.r1, plan.n, signal.data.device)
-    grid, meta = _rows_launch(signal, plan)
+    grid, work, meta = _rows_launch(signal, plan)
     _rows_dft_kernel[grid](signal.data, rows, cos, nsin, signal.length, signal.channels, signal.stride_b,
-                           signal.stride_t, signal.stride_c, plan.m, plan.half_rows, **meta)
+                           signal.stride_t, signal.stride_c, plan.m, work, **meta)
     return rows
 
 
 def rows_idft(rows: torch.Tensor, out: _Signal, plan: FFTPlan) -> None:
     """The last stage: writes the first ``out.length`` samples of the real inverse into ``out.data``."""
     _, _, mc, ms = _rows_tables(plan.r1, plan.n, rows.device)
-    grid, meta = _rows_launch(out, plan)
+    grid, work, meta = _rows_launch(out, plan)
     _rows_idft_kernel[grid](rows, out.data, mc, ms, out.length, out.channels, out.stride_b, out.stride_t,
-                            out.stride_c, plan.n, plan.m, plan.half_rows, **meta)
+                            out.stride_c, plan.n, plan.m, work, **meta)
 
 
 def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.device) -> tuple[tuple[int, int], int]:
