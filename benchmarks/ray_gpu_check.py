@@ -58,7 +58,8 @@ def _text(data) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/ray_gpu_check"))
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/ray_gpu_check"), help="logs of the runs")
+    parser.add_argument("--work", default="/tmp/lctrain_ray_gpu", help="run directory and the cluster's files")
     parser.add_argument("--budget", type=float, default=270, help="seconds for everything (default %(default)s)")
     parser.add_argument("--mode", choices=["auto", "submit", "direct"], default="auto",
                         help="auto: lctrain submit where the job server's dependencies are installed, else direct")
@@ -73,7 +74,8 @@ def main() -> int:
     gpus = torch.cuda.device_count()
     scaling = local_scaling(gpus)
     submit = dashboard_available() if args.mode == "auto" else args.mode == "submit"
-    run_dir = out / "run"
+    work = pathlib.Path(args.work).absolute()
+    run_dir = work / "run"
     print(f"{gpus} x {torch.cuda.get_device_name(0) if gpus else 'no GPU'}; torch {torch.__version__}; "
           f"{'lctrain submit through the job server' if submit else 'the job entrypoint run as a driver on the head (no job server)'}",
           flush=True)
@@ -81,7 +83,7 @@ def main() -> int:
     rows = []
     prepare(CONFIG, run_dir, [])
     print(f"tokenizer and data ready after {args.budget - (deadline - time.monotonic()):.0f} s", flush=True)
-    with LocalCluster(out / "cluster", num_cpus=os.cpu_count(), num_gpus=gpus, dashboard=submit,
+    with LocalCluster(work / "cluster", num_cpus=os.cpu_count(), num_gpus=gpus, dashboard=submit,
                       isolated_network=args.isolated) as cluster:
         # the first run also compiles the Triton kernels: it gets 60% of the time left, the second the rest
         code, log, seconds = run_phase(cluster, "plain", run_dir, scaling, submit, {}, out,

@@ -21,6 +21,7 @@ for name in needed:
         missing.append(name)
 print("ray", ray.__version__, "| job server dependencies missing:", ", ".join(missing) or "none")
 PY
+python3 -m ray.scripts.scripts --version >/dev/null 2>&1 || echo "the ray command line (ray.scripts.scripts) does not run here"
 # The Python side stops its cluster in a finally block; this trap is the backstop if it is killed.
 trap 'python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true' EXIT
 left=$(( 290 - ($(date +%s) - start) ))

@@ -1,7 +1,8 @@
-"""Ray cluster jobs on CPU, end to end: a real single-node Ray cluster (token authentication) in a private network
-namespace whose only interface is loopback, `lctrain submit` of a 2-worker gloo ZeRO-2 run, a worker process killed
-mid-run and the recovery from the last checkpoint, bad configs (rejected locally; failing on the cluster), and the
-token being required. One cluster serves the whole file and is stopped at the end, also after a failure."""
+"""Ray cluster jobs on CPU. End to end (slow): a real single-node Ray cluster (token authentication) in a private
+network namespace whose only interface is loopback, `lctrain submit` of a 2-worker gloo ZeRO-2 run, a worker process
+killed mid-run and the recovery from the last checkpoint, bad configs (rejected locally; failing on the cluster), a
+timeout, and the token being required. One cluster serves all of them and is stopped at the end, also after a
+failure. Fast: where the token is looked up, what a job uploads, how paths are resolved."""
 from __future__ import annotations
 
 import json
@@ -14,11 +15,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
-                       reason="the loopback-only cluster needs root and unshare (Linux namespaces)"),
-]
+needs_cluster = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                                   reason="the loopback-only cluster needs root and unshare (Linux namespaces)")
 
 TINY = [
     "model.pattern=G-W-", "model.hidden_size=64", "model.gated_deltanet.num_heads=2", "model.gated_deltanet.head_k_dim=16",
@@ -83,6 +81,8 @@ def submitted_jobs(cluster) -> list[str]:
     return result.stdout.split()
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_job_trains_and_recovers_from_a_killed_worker(cluster, prepared, tmp_path):
     """Rank 1's process dies right after step 5 (the lctrain fault point: os._exit in the Ray Train worker). Ray
     restarts the worker group, which resumes from the step-3 checkpoint and finishes all 8 steps."""
@@ -135,6 +135,8 @@ def test_job_trains_and_recovers_from_a_killed_worker(cluster, prepared, tmp_pat
     assert "lctrain: finished at step 8" in logs.stdout
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_bad_config_is_rejected_locally_and_nothing_is_submitted(cluster, prepared):
     before = submitted_jobs(cluster)
     result = lctrain(cluster, "submit", *sets(*TINY, *prepared, "model.pattern=G-Q-"), "--gpus-per-worker", "0", timeout=120)
@@ -147,6 +149,8 @@ def test_bad_config_is_rejected_locally_and_nothing_is_submitted(cluster, prepar
     assert submitted_jobs(cluster) == before
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_config_that_fails_on_the_cluster_fails_the_job_with_its_error(cluster, prepared, tmp_path):
     """Valid YAML and keys, but its dataset does not exist where the job runs: the job fails at once, no hang."""
     missing = tmp_path / "no_such_dataset"
@@ -159,6 +163,8 @@ def test_config_that_fails_on_the_cluster_fails_the_job_with_its_error(cluster, 
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_timeout_stops_the_job(cluster, prepared, tmp_path):
     result = lctrain(cluster, "submit", *sets(*TINY, *prepared, f"run_dir={tmp_path / 'run'}", "train.steps=1000"),
                      "--num-workers", "2", "--gpus-per-worker", "0", "--timeout", "3", timeout=120)
@@ -168,6 +174,8 @@ def test_timeout_stops_the_job(cluster, prepared, tmp_path):
     assert status.stdout.startswith(f"{job_id_of(result)}: STOPPED"), status.stdout + status.stderr
 
 
+@pytest.mark.slow
+@needs_cluster
 def test_the_job_server_requires_the_token(cluster, tmp_path):
     unauthenticated = cluster.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{cluster.address}/api/jobs/"],
                                   timeout=30)
@@ -181,3 +189,57 @@ def test_the_job_server_requires_the_token(cluster, tmp_path):
                            cluster.address], timeout=60, cwd=ROOT,
                           env={"HOME": str(tmp_path), "RAY_AUTH_TOKEN_PATH": "", "RAY_AUTH_MODE": ""})
     assert missing.returncode == 2 and "no Ray auth token" in missing.stderr, missing.stderr
+
+
+def test_token_lookup_order(tmp_path, monkeypatch):
+    from lctrain.config import ConfigError
+    from lctrain.ray.jobs import read_token
+
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="no Ray auth token"):
+        read_token(None)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home\n")
+    assert read_token(None) == "home"
+    (tmp_path / "named").write_text("named")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "named"))
+    assert read_token(None) == "named"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert read_token(None) == "from-env"
+    (tmp_path / "flag").write_text("flag")
+    assert read_token(str(tmp_path / "flag")) == "flag"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # Ray's explicit opt-out; a --token-file still wins
+    assert read_token(None) is None and read_token(str(tmp_path / "flag")) == "flag"
+    with pytest.raises(ConfigError, match="--token-file"):
+        read_token(str(tmp_path / "missing"))
+
+
+def test_job_working_dir_is_the_package_as_installed(tmp_path):
+    """The upload holds lctrain with kernels/ and parallel/ inside it (as setup.py installs them) and the resolved
+    config, and Python started there imports lctrain's subpackages from it."""
+    from lctrain.config import load_config
+    from lctrain.ray.jobs import stage_working_dir
+
+    config = load_config(None, [f"run_dir={tmp_path / 'run'}", "train.steps=7"])
+    stage = stage_working_dir(config, tmp_path / "stage")
+    assert sorted(p.name for p in stage.iterdir()) == ["lctrain", "run_config.yaml"]
+    for module in ("lctrain/ray/entrypoint.py", "lctrain/kernels/common.py", "lctrain/parallel/groups.py",
+                   "lctrain/train/loop.py"):
+        assert (stage / module).is_file(), module
+    assert not list(stage.rglob("__pycache__"))
+    assert load_config(stage / "run_config.yaml") == config
+    code = "import importlib.util as u; print(u.find_spec('lctrain.kernels').origin, u.find_spec('lctrain.parallel').origin)"
+    found = subprocess.run([sys.executable, "-c", code], cwd=stage, capture_output=True, text=True, check=True, timeout=60)
+    assert all(pathlib.Path(p).is_relative_to(stage) for p in found.stdout.split()), found.stdout
+
+
+def test_relative_paths_resolve_against_the_storage():
+    from lctrain.config import load_config
+    from lctrain.ray.trainer import absolute_paths
+
+    config = load_config(None, ["run_dir=runs/x", "tokenizer.path=tok/t.model", "data.dataset_dir=/abs/data"])
+    resolved = absolute_paths(config, pathlib.Path("/shared"))
+    assert (resolved.run_dir, resolved.tokenizer.path, resolved.data.dataset_dir) == ("/shared/runs/x", "/shared/tok/t.model", "/abs/data")
+    assert config.run_dir == "runs/x"  # the original is left as it was
