@@ -59,6 +59,7 @@ def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: tor
                     ms, note = float("nan"), "out of memory"
                     torch.cuda.empty_cache()
                 rows.append(Measurement(spec.name, impl.name, mode, T, ms, flops, nbytes, note))
+                print(f"  measured {spec.name} {impl.name} {mode} T={T}: {ms:.3f} ms {note}", flush=True)
         del sets
         if device.type == "cuda":
             torch.cuda.empty_cache()

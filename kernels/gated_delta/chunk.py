@@ -36,6 +36,7 @@ a scratch buffer. Dot operands are in the input dtype, accumulators and states i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -55,7 +56,7 @@ CHUNK = 64
 # kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _diag_block_inverse_kernel(k, g, beta, Y, chunks, seq_end, H, HV, K: tl.constexpr, BK: tl.constexpr,
                                PRECISION: tl.constexpr):
     """(I + D)^-1 for one 16 x 16 diagonal block D of a chunk's A (module docstring), by Gaussian elimination
@@ -104,7 +105,7 @@ def _chunk_tokens(chunks, seq_end, i_c):
     return tok, tok < eos, t0, eos
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _wy_prepare_kernel(k, v, g, beta, Y, gc, A_inv, w, u, chunks, seq_end,
                        H, HV, K: tl.constexpr, V: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PRECISION: tl.constexpr):
@@ -158,7 +159,7 @@ def _segment(segs, i_s):
             tl.load(p + 5).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _fwd_scan_kernel(k, w, u, gc, h, vn, seg_init, summary, final, segs,
                      H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr, NBM: tl.constexpr,
@@ -228,7 +229,7 @@ def _fwd_scan_kernel(k, w, u, gc, h, vn, seg_init, summary, final, segs,
                      mask=kmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _output_kernel(q, k, gc, h, vn, o, chunks, seq_end, scale, H, HV, K: tl.constexpr, V: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr):
     """o = scale [(q * e) h + P vn] for one chunk and BV value columns, from the stored h and vn."""
@@ -255,7 +256,7 @@ def _output_kernel(q, k, gc, h, vn, o, chunks, seq_end, scale, H, HV, K: tl.cons
     tl.store(o + (tok * HV + i_hv)[:, None] * V + cv[None, :], (scale * b_o).to(o.dtype.element_ty), mask=vm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _local_dvn_kernel(q, k, gc, do, dvl, chunks, seq_end, scale, H, HV, K: tl.constexpr, V: tl.constexpr,
                       BK: tl.constexpr, BV: tl.constexpr):
     """The part of dvn from the chunk's own outputs, scale P^T do, for one chunk and BV value columns: it does not
@@ -281,7 +282,7 @@ def _local_dvn_kernel(q, k, gc, do, dvl, chunks, seq_end, scale, H, HV, K: tl.co
              mask=vm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["HV"])  # one compile for every head count
 def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
                     HV, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     KB: tl.constexpr, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr):
@@ -331,7 +332,7 @@ def _combine_kernel(summary, affine, affine_stride, init, seg_state, seq_segs,
     tl.store(seg_state + ((s * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], X, mask=xmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _bwd_scan_kernel(q, k, w, gc, do, dvl, dh, dvn, seg_dinit, gsum, dh0, segs, scale,
                      H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NB: tl.constexpr,
@@ -390,7 +391,7 @@ def _bwd_scan_kernel(q, k, w, gc, do, dvl, dh, dvn, seg_dinit, gsum, dh0, segs, 
             tl.store(dh0 + ((seq * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], D, mask=smask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_end, scale,
                      H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
@@ -455,7 +456,7 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
     tl.store(dgc + tok * HV + i_hv, b_dgc, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
 def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
                      H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
@@ -567,17 +568,32 @@ def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: 
 
 def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device,
                  segment_chunks: int | None, programs_per_segment: int) -> Layout:
+    """The tables of one call. Equal-length rows reuse a cached layout; packed documents need their offsets on the
+    host (one synchronisation when they live on the GPU, as the grid sizes depend on them)."""
     if cu_seqlens is None:
+        L = segment_chunks or auto_segment_chunks(-(-T // CHUNK), B * programs_per_segment, device)
+        return _equal_rows_layout(B, T, device, L)
+    offsets = cu_seqlens.to("cpu", torch.int64)
+    nc = (offsets[1:] - offsets[:-1] + CHUNK - 1) // CHUNK
+    L = segment_chunks or auto_segment_chunks(int(nc.max()), nc.numel() * programs_per_segment, device)
+    return _tables(B, T, offsets, device, L)
+
+
+@functools.lru_cache(maxsize=64)
+def _equal_rows_layout(B: int, T: int, device: torch.device, L: int) -> Layout:
+    return _tables(B, T, None, device, L)
+
+
+def _tables(B: int, T: int, offsets: torch.Tensor | None, device: torch.device, L: int) -> Layout:
+    if offsets is None:
         starts = torch.arange(B, dtype=torch.int64) * T
         ends = starts + T
     else:
-        offsets = cu_seqlens.to("cpu", torch.int64)
         starts, ends = offsets[:-1], offsets[1:]
     N = starts.numel()
-    chunks = chunk_map(None if cu_seqlens is None else cu_seqlens.cpu(), B, T, CHUNK).to(torch.int64)
+    chunks = chunk_map(offsets, B, T, CHUNK).to(torch.int64)
     nc = (ends - starts + CHUNK - 1) // CHUNK
     first_chunk = torch.cumsum(nc, 0) - nc
-    L = segment_chunks or auto_segment_chunks(int(nc.max()), N * programs_per_segment, device)
     ns = torch.clamp((nc + L - 1) // L, min=1)
     first_seg = torch.cumsum(ns, 0) - ns
     seg_seq = torch.repeat_interleave(torch.arange(N), ns)
@@ -586,7 +602,9 @@ def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.
                         torch.clamp(nc[seg_seq] - seg_index * L, max=L), starts[seg_seq] + seg_index * L * CHUNK,
                         starts[seg_seq], ends[seg_seq]], dim=1)
     seq_segs = torch.stack([first_seg, ns], dim=1)
-    tables = torch.cat([chunks.flatten(), ends, segs.flatten(), seq_segs.flatten()]).to(torch.int32).to(device)
+    tables = torch.cat([chunks.flatten(), ends, segs.flatten(), seq_segs.flatten()]).to(torch.int32)
+    if device.type == "cuda":  # a pageable copy would wait for the GPU's queued work
+        tables = tables.pin_memory().to(device, non_blocking=True)
     a, b, c = chunks.numel(), N, segs.numel()
     return Layout(tables[:a].view(-1, 3), tables[a:a + b], tables[a + b:a + b + c].view(-1, 6),
                   tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0], L)
@@ -606,9 +624,9 @@ TUNING = {
     "output": (64, 4, 1),  # _output_kernel
     "combine": (64, 8, 1),  # _combine_kernel
     "local_dvn": (64, 4, 1),  # _local_dvn_kernel
-    "grad_summary": (32, 8, 2),  # _bwd_scan_kernel, SUMMARY
-    "grad_scan": (32, 8, 2),  # _bwd_scan_kernel, writing dh and dvn
-    "grads": (64, 8, 1),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
+    "grad_summary": (32, 4, 2),  # _bwd_scan_kernel, SUMMARY
+    "grad_scan": (32, 4, 2),  # _bwd_scan_kernel, writing dh and dvn
+    "grads": (64, 8, 2),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
 }
 # Keep the forward's w, T, h, vn and gc for the backward (about 4.5 values per token and head plus K x V per chunk:
 # ~1.2 GB per layer at 65k tokens, 16 heads of 128) instead of recomputing them there (a UT transform and a state

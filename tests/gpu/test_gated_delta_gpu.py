@@ -58,6 +58,25 @@ def segmented(segment_chunks):
 REFERENCE = op(gated_delta_rule_reference)
 
 
+def test_strong_gates():
+    """Decays down to exp(-10) per token."""
+    x = make_inputs(1, 4096, 2, 2, 128, 128, seed=3, gate_shift=-2.0)
+    x["g"] = x["g"] * 3
+    print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
+
+
+def test_fused_recurrent_decode():
+    """Decoding three tokens from a carried state; gradients through the chunk backward."""
+    x = make_inputs(2, 3, 2, 4, 128, 128, seed=4)
+    print(compare_with_reference(op(fused_recurrent_gated_delta_rule), REFERENCE, x, TOL))
+
+
+def test_other_widths_fp16():
+    """K != V, neither 128, float16, a batch of two sequences."""
+    x = make_inputs(2, 1000, 2, 2, 64, 96, seed=5, dtype=torch.float16)
+    print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
+
+
 @pytest.mark.parametrize("T, H, HV", [(2048, 2, 4), (16384, 1, 2)])
 def test_long(T, H, HV):
     """One sequence, grouped value heads; at 16k the default splits it into segments scanned in parallel (the
@@ -78,22 +97,3 @@ def test_many_segments(segment_chunks):
     docs = [500, 1, 2000, 1595]
     x = make_inputs(1, sum(docs), 1, 2, 128, 128, seed=2 + segment_chunks, docs=docs)
     print(compare_with_reference(op(segmented(segment_chunks)), REFERENCE, x, TOL))
-
-
-def test_strong_gates():
-    """Decays down to exp(-10) per token."""
-    x = make_inputs(1, 4096, 2, 2, 128, 128, seed=3, gate_shift=-2.0)
-    x["g"] = x["g"] * 3
-    print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
-
-
-def test_fused_recurrent_decode():
-    """Decoding three tokens from a carried state; gradients through the chunk backward."""
-    x = make_inputs(2, 3, 2, 4, 128, 128, seed=4)
-    print(compare_with_reference(op(fused_recurrent_gated_delta_rule), REFERENCE, x, TOL))
-
-
-def test_other_widths_fp16():
-    """K != V, neither 128, float16, a batch of two sequences."""
-    x = make_inputs(2, 1000, 2, 2, 64, 96, seed=5, dtype=torch.float16)
-    print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
