@@ -31,4 +31,7 @@ echo "== tests"
 grep -E "^\{|passed|failed|error|Error|exit" "$OUT/tests.log" 2>/dev/null | cut -c1-400 | tail -30
 echo "== profile"
 grep -vE "^\s*$" "$OUT/profile.log" 2>/dev/null | cut -c1-160 | tail -45
-if [ "$TABLE_S" -gt 0 ]; then echo "== table"; tail -20 "$OUT/table.log"; fi
+if [ "$TABLE_S" -gt 0 ]; then
+  echo "== table"
+  if grep -q "^== gdn" "$OUT/table.log"; then sed -n '/^== gdn/,$p' "$OUT/table.log"; else grep -E "measured|exit|Error" "$OUT/table.log"; fi
+fi
