@@ -119,12 +119,17 @@ def main() -> int:
         restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), None)
         check("fault: steps continue from the checkpoint", restart is not None and steps[restart] == CHECKPOINT_STEP + 1
               and steps[-1] == STEPS, f"logged steps {steps}", failures)
-        if restart is not None and FAULT_STEP in plain:
+        if restart is not None:
+            lost = {r["step"]: r["train/loss"] for r in recs[:restart]}
             again = {r["step"]: r["train/loss"] for r in recs[restart:]}
-            if FAULT_STEP in again:
-                check("fault: recomputed step matches the uninterrupted run",
-                      abs(again[FAULT_STEP] - plain[FAULT_STEP]) <= 0.02 * abs(plain[FAULT_STEP]),
-                      f"step {FAULT_STEP}: {again[FAULT_STEP]:.4f} vs {plain[FAULT_STEP]:.4f}", failures)
+            if FAULT_STEP in lost and FAULT_STEP in again:  # rank 0 logged the fault step before the restart
+                check("fault: recomputed step matches the lost attempt",
+                      abs(again[FAULT_STEP] - lost[FAULT_STEP]) <= 0.01 * abs(lost[FAULT_STEP]),
+                      f"step {FAULT_STEP}: {again[FAULT_STEP]:.4f} after the restart, {lost[FAULT_STEP]:.4f} before", failures)
+            else:
+                print(f"  (the lost attempt did not log step {FAULT_STEP}: no recomputed step to compare)")
+            if FAULT_STEP in plain and FAULT_STEP in again:  # information: GPU kernels need not be bitwise deterministic
+                print(f"  (step {FAULT_STEP} of the uninterrupted run: {plain[FAULT_STEP]:.4f})")
         if recs:
             rows.append(("killed_worker", scaling.num_workers, recs[0]["train/loss"], recs[-1]["train/loss"],
                          statistics.median(r["perf/tokens_per_s"] for r in recs[1:] or recs), seconds))
