@@ -29,7 +29,7 @@ def test_causal_fft_conv_matches_direct_sum(length, taps):
 # (R1, R2 x R3) = (32, 16x16), (32, 32x16), (64, 64x16), (256, 64x16): two row blocks and two K steps
 @pytest.mark.parametrize("fft_size,tile", [(8192, 256), (16384, 1024), (65536, 1024), (262144, 1024)])
 def test_causal_fft_conv_every_plan(fft_size, tile):
-    plan = fftconv.fft_plan(45, fft_size, tile, pipelined=fft_size == 16384, keep_rows=fft_size == 65536)
+    plan = fftconv.fft_plan(45, fft_size, tile, keep_rows=fft_size == 65536)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)

@@ -13,8 +13,7 @@ Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually 
 Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (the
-spectral tile R2 x R3, hence R1 = N / (R2 R3); a software-pipelined forward spectral loop; the forward's row buffers
-kept for the backward) and the stages of the default one, on the same GPU.
+spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's row buffers kept for the backward) and the stages of the default one, on the same GPU.
 """
 from __future__ import annotations
 
@@ -71,7 +70,7 @@ SPEC_BF16 = OpSpec(name="fftconv", lengths=SPEC.lengths, tiny_lengths=SPEC.tiny_
                    make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft")
 
 # Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
-VARIANTS = {"tile 32x16": dict(tile=512), "pipelined": dict(pipelined=True), "keep rows": dict(keep_rows=True)}
+VARIANTS = {"tile 32x16": dict(tile=512), "keep rows": dict(keep_rows=True)}
 
 
 def _variant_impls() -> list[Impl]:

@@ -59,15 +59,12 @@ _TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (64, 16)}
 class FFTPlan:
     """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
 
-    pipelined: software-pipeline the forward spectral loop (Triton stages = 2: the next item's tiles load into
-    shared memory during this one; 110 KB of it at 64 x 16). The backward kernel is never pipelined: its stage
-    buffers would pass the 227 KB an H100 block may hold. keep_rows: see CausalFFTConvFunction."""
+    keep_rows: see CausalFFTConvFunction."""
 
     n: int
     r1: int
     r2: int
     r3: int
-    pipelined: bool = False
     keep_rows: bool = False
 
     @property
@@ -85,12 +82,11 @@ class FFTPlan:
         return self.r2 // 16
 
 
-def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelined: bool = False,
-             keep_rows: bool = False) -> FFTPlan:
+def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
-    forces N (tests use it to exercise every plan at small T); ``pipelined`` and ``keep_rows``: see FFTPlan.
+    forces N (tests use it to exercise every plan at small T); ``keep_rows``: see CausalFFTConvFunction.
     """
     n = fft_size or max(MIN_FFT_SIZE, 1 << max(0, (2 * length - 1).bit_length()))
     if n < 2 * length or n & (n - 1) or n < MIN_FFT_SIZE:
@@ -100,7 +96,7 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, pipelin
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, pipelined=pipelined, keep_rows=keep_rows)
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,119 +154,105 @@ def _tile_origin(tile, M, J23: tl.constexpr, JC: tl.constexpr):
 
 
 @triton.jit
-def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, work,
-                     R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, R1H,
+                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c.
 
-    Persistent: each program walks (tile, row block) work items with a stride of the grid, so the next tile's loads
-    are pipelined under this one's products. Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows
-    buffer's contiguous axis)."""
-    ROW_BLOCKS: tl.constexpr = R1H // BM
+    Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows buffer's contiguous axis)."""
+    ROW_BLOCKS = R1H // BM
+    pid = tl.program_id(0)
     b = tl.program_id(1)
-    x_batch = x_ptr + b.to(tl.int64) * stride_b
-    if R1H == BK:  # one chunk, one row block: the tables stay in shared memory for the whole loop
-        whole = tl.arange(0, BK)[:, None] * R1H + tl.arange(0, BK)[None, :]
-        cos_all = tl.load(cos_ptr + whole)
-        nsin_all = tl.load(nsin_ptr + whole)
-    for item in range(tl.program_id(0), work, tl.num_programs(0)):
-        row_block = item % ROW_BLOCKS
-        n23_0, c_0 = _tile_origin(item // ROW_BLOCKS, M, J23, JC)
-        n23_in = n23_0 + tl.arange(0, J23)
-        k1 = row_block * BM + tl.arange(0, BM)
-        acc_re = tl.zeros([BM, JC * J23], dtype=tl.float32)
-        acc_im = tl.zeros([BM, JC * J23], dtype=tl.float32)
-        nyquist = tl.zeros([JC * J23], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
-        for start in tl.static_range(0, R1H, BK):
-            n1 = start + tl.arange(0, BK)
-            if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
-                t = n1[:, None] * M + n23_in[None, :]
-                ok = (t < length) & (t * 0 + c_0 < channels)  # (vector masks: the interpreter rejects scalar ones)
-                x = tl.load(x_batch + c_0.to(tl.int64) * stride_c + t.to(tl.int64) * stride_t, mask=ok, other=0.0)
-            else:  # [B, T, C] signal: a [BK, J23, JC] tile, contiguous along channels
-                c_in = c_0 + tl.arange(0, JC)
-                t = n1[:, None, None] * M + n23_in[None, :, None]
-                x = tl.load(x_batch + c_in.to(tl.int64)[None, None, :] * stride_c + t.to(tl.int64) * stride_t,
-                            mask=(t < length) & (c_in < channels)[None, None, :], other=0.0)
-                x = tl.reshape(tl.permute(x, (0, 2, 1)), (BK, JC * J23))
-            x = x.to(tl.float32)
-            if R1H == BK:
-                acc_re = tl.dot(cos_all, x, acc_re)
-                acc_im = tl.dot(nsin_all, x, acc_im)
-            else:
-                table = k1[:, None] * R1H + n1[None, :]
-                acc_re = tl.dot(tl.load(cos_ptr + table), x, acc_re)
-                acc_im = tl.dot(tl.load(nsin_ptr + table), x, acc_im)
-            nyquist += tl.sum(x * (1 - 2 * (n1 % 2)).to(tl.float32)[:, None], axis=0)
-        j = tl.arange(0, JC * J23)
-        n23 = n23_0 + j % J23
-        c = c_0 + j // J23
-        col_ok = c < channels
-        row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
-        out = row0[None, :] + k1[:, None] * (2 * M)
-        tl.store(out, acc_re, mask=col_ok[None, :])
-        tl.store(out + M, acc_im, mask=col_ok[None, :])
-        last = col_ok & (n23 * 0 + row_block == 0)
-        tl.store(row0 + R1H * 2 * M, nyquist, mask=last)
-        tl.store(row0 + R1H * 2 * M + M, tl.zeros_like(nyquist), mask=last)
+    row_block = pid % ROW_BLOCKS
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_in = n23_0 + tl.arange(0, J23)
+    if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
+        x_row = x_ptr + b.to(tl.int64) * stride_b + c_0.to(tl.int64) * stride_c
+        row_ok = n23_in * 0 + c_0 < channels  # (vector masks throughout: the interpreter rejects scalar ones)
+    else:  # [B, T, C] signal: a [BK, J23, JC] tile, contiguous along channels
+        c_in = c_0 + tl.arange(0, JC)
+        x_cols = x_ptr + b.to(tl.int64) * stride_b + c_in.to(tl.int64)[None, None, :] * stride_c
+    k1 = row_block * BM + tl.arange(0, BM)
+    acc_re = tl.zeros([BM, JC * J23], dtype=tl.float32)
+    acc_im = tl.zeros([BM, JC * J23], dtype=tl.float32)
+    nyquist = tl.zeros([JC * J23], dtype=tl.float32)  # row k1 = R1/2: sum_n1 (-1)^n1 x[n1], real
+    for start in range(0, R1H, BK):
+        n1 = start + tl.arange(0, BK)
+        if JC == 1:
+            t = n1[:, None] * M + n23_in[None, :]
+            x = tl.load(x_row + t.to(tl.int64) * stride_t, mask=(t < length) & row_ok[None, :], other=0.0)
+        else:
+            t = n1[:, None, None] * M + n23_in[None, :, None]
+            x = tl.load(x_cols + t.to(tl.int64) * stride_t, mask=(t < length) & (c_in < channels)[None, None, :],
+                        other=0.0)
+            x = tl.reshape(tl.permute(x, (0, 2, 1)), (BK, JC * J23))
+        x = x.to(tl.float32)
+        table = k1[:, None] * R1H + n1[None, :]
+        acc_re = tl.dot(tl.load(cos_ptr + table), x, acc_re)
+        acc_im = tl.dot(tl.load(nsin_ptr + table), x, acc_im)
+        nyquist += tl.sum(x * (1 - 2 * (n1 % 2)).to(tl.float32)[:, None], axis=0)
+    j = tl.arange(0, JC * J23)
+    n23 = n23_0 + j % J23
+    c = c_0 + j // J23
+    col_ok = c < channels
+    row0 = rows_ptr + (b * channels + c).to(tl.int64) * ((R1H + 1) * 2 * M) + n23
+    out = row0[None, :] + k1[:, None] * (2 * M)
+    tl.store(out, acc_re, mask=col_ok[None, :])
+    tl.store(out + M, acc_im, mask=col_ok[None, :])
+    last = col_ok & (n23 * 0 + row_block == 0)
+    tl.store(row0 + R1H * 2 * M, nyquist, mask=last)
+    tl.store(row0 + R1H * 2 * M + M, tl.zeros_like(nyquist), mask=last)
 
 
 @triton.jit
-def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, work,
-                      R1H: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, R1H,
+                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2.
 
-    Persistent as _rows_dft_kernel. Operand columns j = n23_local * JC + c_local (channel fastest: a time-major
-    output's contiguous axis)."""
-    ROW_BLOCKS: tl.constexpr = R1H // BM
+    Operand columns j = n23_local * JC + c_local (channel fastest: a time-major output's contiguous axis)."""
+    ROW_BLOCKS = R1H // BM
     SEQ = (R1H + 1) * 2 * M
+    pid = tl.program_id(0)
     b = tl.program_id(1)
-    y_batch = y_ptr + b.to(tl.int64) * stride_b
-    if R1H == BK:  # one chunk, one row block: the tables stay in shared memory for the whole loop
-        whole = tl.arange(0, BK)[:, None] * R1H + tl.arange(0, BK)[None, :]
-        mc_all = tl.load(mc_ptr + whole)
-        ms_all = tl.load(ms_ptr + whole)
-    for item in range(tl.program_id(0), work, tl.num_programs(0)):
-        row_block = item % ROW_BLOCKS
-        n23_0, c_0 = _tile_origin(item // ROW_BLOCKS, M, J23, JC)
-        n23_in = n23_0 + tl.arange(0, J23)
-        n1 = row_block * BM + tl.arange(0, BM)
-        acc = tl.zeros([BM, J23 * JC], dtype=tl.float32)
-        for start in tl.static_range(0, R1H, BK):
-            k1 = start + tl.arange(0, BK)
-            if JC == 1:  # one channel: [BK, J23] tiles of its rows
-                src = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + (k1 * (2 * M))[:, None] + n23_in[None, :]
-                ok = (n23_in * 0 + c_0 < channels)[None, :]
-                a_re = tl.load(src, mask=ok, other=0.0)
-                a_im = tl.load(src + M, mask=ok, other=0.0)
-            else:  # [BK, JC, J23] tiles, contiguous along n23, swapped to channel-fastest columns
-                c_in = c_0 + tl.arange(0, JC)
-                src = (rows_ptr + (b * channels + c_in).to(tl.int64)[None, :, None] * SEQ
-                       + (k1 * (2 * M))[:, None, None] + n23_in[None, None, :])
-                ok = (c_in < channels)[None, :, None]
-                a_re = tl.reshape(tl.permute(tl.load(src, mask=ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
-                a_im = tl.reshape(tl.permute(tl.load(src + M, mask=ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
-            if R1H == BK:
-                acc = tl.dot(mc_all, a_re, acc)
-                acc = tl.dot(ms_all, a_im, acc)
-            else:
-                table = n1[:, None] * R1H + k1[None, :]
-                acc = tl.dot(tl.load(mc_ptr + table), a_re, acc)
-                acc = tl.dot(tl.load(ms_ptr + table), a_im, acc)
-        j = tl.arange(0, J23 * JC)
-        n23 = n23_0 + j // JC
-        c = c_0 + j % JC
-        col_ok = c < channels
-        nyquist = tl.load(rows_ptr + (b * channels + c).to(tl.int64) * SEQ + R1H * 2 * M + n23, mask=col_ok,
-                          other=0.0)
-        acc += ((1 - 2 * (n1 % 2)).to(tl.float32) * (1.0 / N))[:, None] * nyquist[None, :]
-        t = n1[:, None] * M + n23[None, :]
-        dst = y_batch + c.to(tl.int64)[None, :] * stride_c + t.to(tl.int64) * stride_t
-        tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=(t < length) & col_ok[None, :])
+    row_block = pid % ROW_BLOCKS
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_in = n23_0 + tl.arange(0, J23)
+    if JC == 1:  # one channel: [BK, J23] tiles of its rows
+        rows_in = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + n23_in[None, :]
+        in_ok = (n23_in * 0 + c_0 < channels)[None, :]
+    else:  # [BK, JC, J23] tiles, contiguous along n23, swapped to channel-fastest columns
+        c_in = c_0 + tl.arange(0, JC)
+        rows_in = rows_ptr + (b * channels + c_in).to(tl.int64)[None, :, None] * SEQ + n23_in[None, None, :]
+        in_ok = (c_in < channels)[None, :, None]
+    n1 = row_block * BM + tl.arange(0, BM)
+    acc = tl.zeros([BM, J23 * JC], dtype=tl.float32)
+    for start in range(0, R1H, BK):
+        k1 = start + tl.arange(0, BK)
+        if JC == 1:
+            src = rows_in + (k1 * (2 * M))[:, None]
+            a_re = tl.load(src, mask=in_ok, other=0.0)
+            a_im = tl.load(src + M, mask=in_ok, other=0.0)
+        else:
+            src = rows_in + (k1 * (2 * M))[:, None, None]
+            a_re = tl.reshape(tl.permute(tl.load(src, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
+            a_im = tl.reshape(tl.permute(tl.load(src + M, mask=in_ok, other=0.0), (0, 2, 1)), (BK, J23 * JC))
+        table = n1[:, None] * R1H + k1[None, :]
+        acc = tl.dot(tl.load(mc_ptr + table), a_re, acc)
+        acc = tl.dot(tl.load(ms_ptr + table), a_im, acc)
+    j = tl.arange(0, J23 * JC)
+    n23 = n23_0 + j // JC
+    c = c_0 + j % JC
+    col_ok = c < channels
+    nyquist = tl.load(rows_ptr + (b * channels + c).to(tl.int64) * SEQ + R1H * 2 * M + n23, mask=col_ok, other=0.0)
+    acc += ((1 - 2 * (n1 % 2)).to(tl.float32) * (1.0 / N))[:, None] * nyquist[None, :]
+    t = n1[:, None] * M + n23[None, :]
+    dst = y_ptr + b.to(tl.int64) * stride_b + c.to(tl.int64)[None, :] * stride_c + t.to(tl.int64) * stride_t
+    tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=(t < length) & col_ok[None, :])
 
 
-# The spectral kernels read their DFT matrices and twiddles from small float32 tables (computed in float64, L1/L2
-# resident) at each use instead of holding them: held in MMA operand layouts, the eight [32, 32] factors of a
-# row need ~200 registers per thread and spill.
+# The spectral kernels load a row's DFT matrices and twiddles once, from small float32 tables computed in float64.
+# The tile has 16 rows per warp (64 x 16 at 4 warps): the wgmma path keeps the loop-invariant F_R2 in shared memory
+# (156-180 registers, no spills). With 32-row tiles at 4 warps Triton put the factors in mma.sync operand registers,
+# ran every product twice (chained dots get all warps along the rows) and spilled at 255 registers.
 
 
 @triton.jit
@@ -320,9 +302,9 @@ def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     return xr * twr + xi * twi, xi * twr - xr * twi
 
 
-# The spectral kernels walk one flat loop over their (channel, batch) items, b fastest, so that Triton's pipeliner
-# can prefetch the next item's tiles while the current one is on the tensor cores (a nested loop over channels and
-# batch rows never pipelines at B = 1). K's spectrum is recomputed for every item: free at B = 1, the usual case.
+# The spectral kernels walk one flat loop over their (channel, batch) items, b fastest. K's spectrum is recomputed
+# for every item: free at B = 1, the usual case. (Software-pipelining this loop, stages = 2, measured 6% slower on an
+# H100: the loop is bound by the latency of its chain of small dependent wgmma groups, not by its loads.)
 
 
 @triton.jit
@@ -417,7 +399,6 @@ class _Signal:
         return _Signal(x, 1, x.shape[0], x.shape[1], 0, 1, x.shape[1])
 
 
-ROWS_PROGRAMS_PER_SM = 2  # persistent rows programs: two 8-warp programs (~100 registers, <= 115 KB) fit an SM
 _INTERPRETER_TILE_COLUMNS = 4096  # few, wide programs: the interpreter pays per program and per op, not per element
 
 
@@ -426,22 +407,15 @@ def _rows_launch(signal: _Signal, plan: FFTPlan):
 
     On GPUs a tile is 64 columns: 8 consecutive n23 (one 32-byte sector of a rows-buffer row) times 8 channels (one
     sector of a time-major [T, C] row), or 64 consecutive n23 of one channel for channel-major signals. (128-column
-    tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 86-106: two.) Returns the
-    grid, the number of (tile, row block) work items, and the kernel's constants.
+    tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 92-126: two.)
     """
     columns = 64 if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 8)
     j23, jc = (columns // 8, 8) if signal.time_major else (min(columns, plan.m), 1)
     bm = bk = min(plan.half_rows, 64)
-    work = (plan.m // j23) * triton.cdiv(signal.channels, jc) * (plan.half_rows // bm)
-    programs = work
-    if signal.data.is_cuda:
-        sms = torch.cuda.get_device_properties(signal.data.device).multi_processor_count
-        programs = min(work, ROWS_PROGRAMS_PER_SM * sms)
-    # two stages (the next tile's loads in flight during this tile's products) where the tables are loaded once;
-    # with several chunks (R1/2 > 64) the stage buffers would fill an SM's shared memory for one program
-    stages = 2 if plan.half_rows == bk else 1
-    meta = dict(R1H=plan.half_rows, BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=stages)
-    return (programs, signal.batch), work, meta
+    tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
+    grid = (tiles * (plan.half_rows // bm), signal.batch)
+    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
+    return grid, meta
 
 
 def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
@@ -449,18 +423,18 @@ def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
     rows = new_output((signal.batch * signal.channels, plan.half_rows + 1, 2, plan.m), torch.float32,
                       signal.data.device)
     cos, nsin, _, _ = _rows_tables(plan.r1, plan.n, signal.data.device)
-    grid, work, meta = _rows_launch(signal, plan)
+    grid, meta = _rows_launch(signal, plan)
     _rows_dft_kernel[grid](signal.data, rows, cos, nsin, signal.length, signal.channels, signal.stride_b,
-                           signal.stride_t, signal.stride_c, plan.m, work, **meta)
+                           signal.stride_t, signal.stride_c, plan.m, plan.half_rows, **meta)
     return rows
 
 
 def rows_idft(rows: torch.Tensor, out: _Signal, plan: FFTPlan) -> None:
     """The last stage: writes the first ``out.length`` samples of the real inverse into ``out.data``."""
     _, _, mc, ms = _rows_tables(plan.r1, plan.n, rows.device)
-    grid, work, meta = _rows_launch(out, plan)
+    grid, meta = _rows_launch(out, plan)
     _rows_idft_kernel[grid](rows, out.data, mc, ms, out.length, out.channels, out.stride_b, out.stride_t,
-                            out.stride_c, plan.n, plan.m, work, **meta)
+                            out.stride_c, plan.n, plan.m, plan.half_rows, **meta)
 
 
 def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.device) -> tuple[tuple[int, int], int]:
@@ -485,7 +459,7 @@ def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, cha
     _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items,
                                    u_rows[0].numel(),
                                    R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps,
-                                   num_stages=2 if plan.pipelined else 1)
+                                   num_stages=1)
     return y_rows
 
 
