@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kernel_checks import compare_with_reference
-from lctrain.kernels.ssm_fft import (causal_fft_conv, causal_fft_conv_torch, s4d_kernel, s4d_ssm, s4d_transition)
+from lctrain.kernels.ssm_fft import (causal_fft_conv, causal_fft_conv_torch, s4d_kernel, s4d_lin_init, s4d_ssm,
+                                     s4d_transition)
 from lctrain.kernels.ssm_fft import fftconv
 from lctrain.kernels.ssm_fft.reference import causal_conv_reference, s4d_kernel_reference, s4d_ssm_reference
 
@@ -147,6 +148,17 @@ def test_s4d_transition_is_the_state_map():
     torch.testing.assert_close(several[0], s4d_transition(params["log_dt"], params["A_real_log"],
                                                           params["A_imag"], 33))
     torch.testing.assert_close(several[1], torch.stack([torch.ones(3, 4), torch.zeros(3, 4)], -1))
+
+
+def test_s4d_lin_init_is_a_stable_ssm():
+    params = s4d_lin_init(3, 8, generator=torch.Generator().manual_seed(8))
+    assert set(params) == {"log_dt", "A_real_log", "A_imag", "B", "C", "D"}
+    transition = s4d_transition(params["log_dt"], params["A_real_log"], params["A_imag"], 1)
+    assert bool((torch.linalg.vector_norm(transition, dim=-1) < 1).all())  # |Abar| < 1
+    dt = params["log_dt"].exp()
+    assert bool(((dt >= 1e-3) & (dt <= 1e-1)).all())
+    y, _ = s4d_ssm(torch.randn(1, 20, 3), **params)
+    assert y.shape == (1, 20, 3) and bool(torch.isfinite(y).all())
 
 
 def test_s4d_rejects_bad_shapes():

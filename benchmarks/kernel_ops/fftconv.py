@@ -13,7 +13,8 @@ Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually 
 Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (the
-spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's row buffers kept for the backward) and the stages of the default one, on the same GPU.
+spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's row buffers kept for the backward) and the stages of
+the default one, on the same GPU.
 """
 from __future__ import annotations
 

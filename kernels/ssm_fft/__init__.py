@@ -7,10 +7,12 @@
           cu_seqlens=None) -> (y, final_state)                     conv + boundary states + document resets
   s4d_transition(log_dt, A_real_log, A_imag, L) -> Abar^L          the state map of a segment of L tokens
   s4d_discretize(log_dt, A_real_log, A_imag, B) -> (dt A, Bbar)    complex128 [H, N] each
+  s4d_lin_init(H, N=16) -> dict of parameters                      S4D-Lin initialisation (keys = s4d_ssm's args)
 
 States are real pairs [N_seq, H, N, 2] (float32); see s4d.py for the parameterisation and the equations.
 """
 from .fftconv import causal_fft_conv, causal_fft_conv_torch
-from .s4d import s4d_discretize, s4d_kernel, s4d_ssm, s4d_transition
+from .s4d import s4d_discretize, s4d_kernel, s4d_lin_init, s4d_ssm, s4d_transition
 
-__all__ = ["causal_fft_conv", "causal_fft_conv_torch", "s4d_discretize", "s4d_kernel", "s4d_ssm", "s4d_transition"]
+__all__ = ["causal_fft_conv", "causal_fft_conv_torch", "s4d_discretize", "s4d_kernel", "s4d_lin_init", "s4d_ssm",
+           "s4d_transition"]

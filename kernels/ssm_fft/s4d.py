@@ -34,6 +34,17 @@ from ..common import check_cu_seqlens, use_triton
 from .fftconv import CausalFFTConvFunction, causal_fft_conv_torch, fft_plan
 
 
+def s4d_lin_init(H: int, N: int = 16, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """S4D-Lin initial parameters (Gu et al. 2022, Sec. 4): A_n = -1/2 + i pi n, B_n = 1, C_n ~ CN(0, 1),
+    dt log-uniform in [dt_min, dt_max], D ~ N(0, 1). float32 tensors keyed as s4d_ssm's arguments."""
+    A_imag = (math.pi * torch.arange(N, dtype=torch.float32)).expand(H, N).clone()
+    log_dt = torch.rand(H, generator=generator) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    return {"log_dt": log_dt, "A_real_log": torch.full((H, N), math.log(0.5)), "A_imag": A_imag,
+            "B": torch.stack([torch.ones(H, N), torch.zeros(H, N)], dim=-1),
+            "C": torch.randn(H, N, 2, generator=generator) * math.sqrt(0.5), "D": torch.randn(H, generator=generator)}
+
+
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
