@@ -10,7 +10,8 @@ data-parallel group: data x context-parallel ranks):
     rank_<r>.pt                                   lctrain's own per-rank state (one per process)
 The float32 master weights are read through DeepSpeed's own zero_to_fp32 routines, one tensor-parallel rank at a
 time (they know one model-parallel rank only). Without ZeRO optimizer files (ZeRO-0 in float32) the module state
-holds the float32 weights itself.
+holds the float32 weights itself. A run directory made by ``lctrain import-hf`` and not trained yet reads as the
+single-device weights it was given (``imported/``).
 """
 from __future__ import annotations
 
@@ -129,8 +130,28 @@ def _zero_master_weights(folder: pathlib.Path, model_files: list[pathlib.Path],
         return {k: v.detach().float().clone() for k, v in z.to_torch_tensor(state).items()}
 
 
+def load_imported(run_dir: pathlib.Path) -> Checkpoint:
+    """The weights ``lctrain import-hf`` put into a run directory, as a one-rank checkpoint of step 0."""
+    from lctrain.hf.weights import load_tensors
+
+    config = read_run_config(run_dir)
+    folder = pathlib.Path(config.checkpoint.init_from or run_dir / "imported")
+    try:
+        full = load_tensors(folder)
+    except FileNotFoundError as error:
+        raise ConversionError(str(error)) from None
+    padded = padded_vocab_size(config.model.vocab_size, 1)
+    for name in ("embedding.weight", "output.weight"):
+        if name in full:
+            full[name] = torch.cat([full[name], full[name].new_zeros(padded - full[name].shape[0], full[name].shape[1])])
+    return Checkpoint(folder, run_dir, config, 0, [full])
+
+
 def load_checkpoint(path: str | pathlib.Path) -> Checkpoint:
     """Find, check and read a checkpoint (see the module docstring); every problem is a one-line ConversionError."""
+    path = pathlib.Path(path)
+    if (path / "imported").is_dir() and find_checkpoint(path / "checkpoints") is None:
+        return load_imported(path)
     folder, run_dir = resolve(path)
     config = read_run_config(run_dir)
     tp = config.parallel.tensor_parallel_size
@@ -176,7 +197,7 @@ def join_tensor_parallel(shards: list[dict[str, torch.Tensor]], config: RunConfi
                                   f"does not belong to this run's config")
     full = {}
     for name in names:
-        rule = split_rule(name, model.pattern) if len(shards) > 1 else None
+        rule = split_rule(name, model) if len(shards) > 1 else None
         full[name] = join_shards([s[name] for s in shards], rule).contiguous()
     padded = padded_vocab_size(model.vocab_size, len(shards))
     for name in ("embedding.weight", "output.weight"):

@@ -31,12 +31,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def choose_format(model: ModelConfig):
     """(format class, why no native architecture fits: None when one does)."""
-    qwen = native.qwen3_next_misfit(model)
-    if qwen is None:
-        return native.Qwen3Next, None
-    if native.mamba2_misfit(model) is None:
-        return native.Mamba2, None
-    return remote.Remote, f"not Qwen3-Next ({qwen}) nor Mamba2 (pattern of M only)"
+    reasons = []
+    for fmt, misfit in ((native.Qwen3Next, native.qwen3_next_misfit), (native.Mamba2, native.mamba2_misfit),
+                        (native.Bamba, native.bamba_misfit)):
+        reason = misfit(model)
+        if reason is None:
+            return fmt, None
+        reasons.append(f"not {fmt.name.removesuffix('ForCausalLM')}: {reason}")
+    return remote.Remote, "; ".join(reasons)
 
 
 def check_output_folder(out: pathlib.Path, overwrite: bool) -> None:
@@ -125,12 +127,17 @@ def convert(checkpoint: str | pathlib.Path, out: str | pathlib.Path, dtype: str 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     check_output_folder(out, overwrite)
-    ckpt = load_checkpoint(checkpoint)
+    return export(load_checkpoint(checkpoint), out, dtype, verify, max_shard_bytes, log)
+
+
+def export(ckpt: Checkpoint, out: pathlib.Path, dtype: str = "fp32", verify: bool = True,
+           max_shard_bytes: int = 5 * 10**9, log=print) -> dict:
+    """The export of a read checkpoint into ``out`` (checked by ``convert``: absent, empty or to be replaced)."""
     model = ckpt.config.model
     tokenizer = run_tokenizer(ckpt.config, ckpt.run_dir)
     fmt, misfit = choose_format(model)
     log(f"checkpoint {ckpt.path} (step {ckpt.step}, {ckpt.tensor_parallel_size} tensor-parallel shard(s)) -> "
-        f"{fmt.name}" + (f" (remote code: the model is {misfit})" if misfit else " (native transformers architecture)"))
+        f"{fmt.name}" + (f" (remote code; {misfit})" if misfit else " (native transformers architecture)"))
     full = ckpt.full_state()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

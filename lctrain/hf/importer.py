@@ -16,13 +16,13 @@ import pathlib
 import shutil
 import tempfile
 
-from lctrain.config import ModelConfig, RunConfig, _build, dump_config
+from lctrain.config import ModelConfig, RunConfig, _build, check_config, dump_config
 from lctrain.hf import native, remote
 from lctrain.hf.consolidate import ConversionError
 from lctrain.hf.export import check_output_folder, _move_into_place
 from lctrain.hf.weights import load_tensors, save_tensors
 
-FORMATS = {f.model_type: f for f in (native.Qwen3Next, native.Mamba2, remote.Remote)}
+FORMATS = {f.model_type: f for f in (native.Qwen3Next, native.Mamba2, native.Bamba, remote.Remote)}
 WEIGHTS = "imported"
 
 
@@ -66,7 +66,9 @@ def import_model(model_dir: str | pathlib.Path, config: RunConfig, out: str | pa
     check_shapes(model, full)
     config = dataclasses.replace(config, model=model, run_dir=str(out))
     config.tokenizer = dataclasses.replace(config.tokenizer, path="")
-    config.checkpoint = dataclasses.replace(config.checkpoint, init_from=str(out / WEIGHTS), resume="none")
+    config.checkpoint = dataclasses.replace(config.checkpoint, init_from="", resume="none")
+    check_config(config)  # the imported model with the config's parallel layout
+    config.checkpoint.init_from = str(out / WEIGHTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:

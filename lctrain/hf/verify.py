@@ -26,8 +26,6 @@ def sample_tokens(model: ModelConfig, rows: int = 2, length: int = 128, seed: in
 
 def _rank_logits(rank: int, size: int, port: int, model: ModelConfig, shards: list[dict], tokens: torch.Tensor,
                  out: str | None) -> torch.Tensor:
-    from megatron.core import parallel_state
-
     from lctrain.model.hybrid import HybridModel, transformer_config
     from lctrain.model.layout import layout_from_cu_seqlens
     from lctrain.parallel.groups import init_parallel, shutdown_parallel
@@ -45,13 +43,7 @@ def _rank_logits(rank: int, size: int, port: int, model: ModelConfig, shards: li
                          f"unexpected {unexpected[:3]}")
     rows, length = tokens.shape
     layout = layout_from_cu_seqlens(torch.arange(rows + 1) * length, rows, length)
-    with torch.no_grad():
-        local = net.hidden_states(tokens, layout) @ net.output_weight.t()
-    if size > 1:  # the vocabulary is split over the ranks (gathered here: megatron's gather allocates on CUDA)
-        parts = [torch.empty_like(local) for _ in range(size)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-        local = torch.cat(parts, -1)
-    logits = local[:, : model.vocab_size].reshape(rows, length, -1)
+    logits = net.logits(tokens, layout).view(rows, length, -1)
     if size > 1:
         if rank == 0:
             torch.save(logits, out)

@@ -87,7 +87,7 @@ def load_full_state(model, folder: str | pathlib.Path) -> None:
         tensor = full[name]
         if name in ("embedding.weight", "output.weight"):
             tensor = torch.cat([tensor, tensor.new_zeros(model.padded_vocab_size - tensor.shape[0], tensor.shape[1])])
-        shard = cut_shard(tensor, split_rule(name, model.model_config.pattern) if size > 1 else None, rank, size)
+        shard = cut_shard(tensor, split_rule(name, model.model_config) if size > 1 else None, rank, size)
         if shard.shape != param.shape:
             raise ValueError(f"{name} in {folder} has shape {tuple(tensor.shape)}, which does not fit this model's "
                              f"{tuple(param.shape)} per rank")

@@ -23,6 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_lctrain import LctrainConfig
 
 CHUNK = 64  # tokens per chunk of the chunkwise recurrences
+QUERY_BLOCK = 1024  # queries per attention call: a mask of QUERY_BLOCK x visible keys, never T x T
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -295,23 +296,32 @@ class Attention(nn.Module):
 
     def forward(self, x, state, start):
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.heads, -1)
+        heads = lambda t, n: t.reshape(batch, length, n, self.head_dim)  # noqa: E731
+        q = self.q_proj(x)  # [q; output gate] of all heads
         if self.output_gate:
             q, gate = q.chunk(2, dim=-1)
-        k, v = self.kv_proj(x).view(batch, length, self.kv_heads, -1).chunk(2, dim=-1)
+            gate = heads(gate, self.heads)
+        q = heads(q, self.heads)
+        k, v = (heads(t, self.kv_heads) for t in self.kv_proj(x).chunk(2, dim=-1))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         positions = torch.arange(start, start + length, device=x.device)
         q, k = rotary(q, positions, self.rot_dim, self.theta), rotary(k, positions, self.rot_dim, self.theta)
         if state is not None:
             k, v = torch.cat([state["k"], k], 1), torch.cat([state["v"], v], 1)
-        key_positions = torch.arange(start + length - k.shape[1], start + length, device=x.device)
-        visible = key_positions[None, :] <= positions[:, None]
-        if self.window is not None:
-            visible &= positions[:, None] - key_positions[None, :] < self.window
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible,
-                                           scale=self.head_dim ** -0.5, enable_gqa=self.heads != self.kv_heads)
-        o = o.transpose(1, 2)
+        first = start + length - k.shape[1]  # position of the first key held
+        o = torch.empty_like(q)
+        for s in range(0, length, QUERY_BLOCK):
+            e = min(s + QUERY_BLOCK, length)
+            lo = 0 if self.window is None else max(0, start + s - (self.window - 1) - first)
+            hi = start + e - first  # the block's queries see keys up to the last of them
+            key_positions = torch.arange(first + lo, first + hi, device=x.device)
+            visible = key_positions[None, :] <= positions[s:e, None]
+            if self.window is not None:
+                visible &= positions[s:e, None] - key_positions[None, :] < self.window
+            o[:, s:e] = F.scaled_dot_product_attention(
+                q[:, s:e].transpose(1, 2), k[:, lo:hi].transpose(1, 2), v[:, lo:hi].transpose(1, 2), attn_mask=visible,
+                scale=self.head_dim ** -0.5, enable_gqa=self.heads != self.kv_heads).transpose(1, 2)
         if self.output_gate:
             o = o * torch.sigmoid(gate)
         if self.window is not None:
@@ -382,7 +392,8 @@ class BlockState(nn.Module):
             states = c_ext[:, index - 1]
         else:
             states = (c_ext[:, index - 1, 0] @ self.context_proj.t().to(c_ext.dtype)).view(batch, self.num_states, hidden)
-        return self.context_kv_proj(states).view(batch, self.num_states, self.heads, 2 * self.head_dim).chunk(2, -1)
+        return [t.reshape(batch, self.num_states, self.heads, self.head_dim)
+                for t in self.context_kv_proj(states).chunk(2, dim=-1)]
 
     def forward(self, x, state, start):
         batch, length, hidden = x.shape
@@ -392,7 +403,7 @@ class BlockState(nn.Module):
         u = x.repeat(1, 1, self.filters) if self.filters > 1 else x
         c, ssm = s4d(u, self.log_dt, self.A_real_log, self.A_imag, self.B, self.C, self.skip, state.get("ssm"))
         c_ext = torch.cat([state["c_tail"], c.view(batch, length, self.filters, hidden)], 1)
-        q, k, v = self.qkv_proj(x).view(batch, length, h, 3 * hd).chunk(3, dim=-1)
+        q, k, v = (t.reshape(batch, length, h, hd) for t in self.qkv_proj(x).chunk(3, dim=-1))
         kv, context, outputs, t = state["kv"], state["context"], [], 0
         while t < length:
             position = start + t
