@@ -162,10 +162,11 @@ def test_transition_matches_product_of_steps():
     """final_state from (v = 0, initial state I) is prod_t alpha_t (I - beta_t k_t k_t^T), left-multiplied."""
     x = make_inputs(1, 9, 1, 1, 16, 16, initial_state=False, seed=8)
     M, _ = transition_and_offset(x["q"], x["k"], x["v"], x["g"], x["beta"])
-    P = torch.eye(16, dtype=torch.float64)
+    eye = torch.eye(16, dtype=torch.float64)
+    P = eye
     for t in range(9):
         kt = x["k"][0, t, 0].double()
-        P = x["g"][0, t, 0].double().exp() * (torch.eye(16, dtype=torch.float64) - x["beta"][0, t, 0] * torch.outer(kt, kt)) @ P
+        P = x["g"][0, t, 0].double().exp() * (eye - x["beta"][0, t, 0] * torch.outer(kt, kt)) @ P
     torch.testing.assert_close(M[0, 0].double(), P, rtol=1e-5, atol=1e-6)
 
 

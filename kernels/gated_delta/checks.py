@@ -12,7 +12,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
     """Validate shapes and dtypes; return N, the number of sequences (states)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, T, heads, dim]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        shapes = ", ".join(str(tuple(x.shape)) for x in (q, k, v))
+        raise ValueError(f"q, k, v must be 4-D [B, T, heads, dim]; got {shapes}")
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     if k.shape != q.shape:
@@ -29,7 +30,8 @@ def check_inputs(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
         if x.shape != (B, T, HV):
             raise ValueError(f"{name} must be [B={B}, T={T}, HV={HV}]; got {tuple(x.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among float32, bfloat16, float16; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype among float32, bfloat16, float16; "
+                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
     if not g.is_floating_point() or not beta.is_floating_point():
         raise ValueError(f"g and beta must be floating point; got {g.dtype}, {beta.dtype}")
     check_cu_seqlens(cu_seqlens, B, T)

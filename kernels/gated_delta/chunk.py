@@ -3,8 +3,8 @@ sequence split into segments that run in parallel and are joined by the boundary
 
 Per value head, with chunk c of C = 64 tokens entering with state h (K x V):
   gc_i = sum_{j<=i} g_j inside the chunk,  e_i = exp(gc_i),  gl = gc of the chunk's last token;
-  A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for i > j (else 0),  T = (I + A)^-1      (UT transform, the
-        WY representation of the product of the chunk's (I - beta_t k_t k_t^T), paper Sec. 3.2 / Eq. 8-9);
+  A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j) for i > j (else 0),  T = (I + A)^-1      (the UT transform: the
+        WY representation of the chunk's product of alpha_t (I - beta_t k_t k_t^T) from the paper's Eq. 10);
   w = T diag(beta) (k * e),   u = T diag(beta) v;
   pseudo-values  vn = u - w h;
   o = scale [ (q * e) h + P vn ],  P_ij = (q_i . k_j) exp(gc_i - gc_j) for i >= j (else 0);
@@ -544,7 +544,6 @@ class Layout:
     num_seqs: int
     num_chunks: int
     num_segs: int
-    segment_chunks: int
 
     @property
     def segmented(self) -> bool:
@@ -553,9 +552,10 @@ class Layout:
 
 def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: torch.device) -> int:
     """Chunks per segment: about sqrt(chunks) (a power of two), which balances the scans' depth 2 L against the
-    fold's chunks / L steps (the fold's steps cost more: 32 at 65k tokens measured best on an H100, NOTES.md),
-    unless the unsegmented pass already has enough programs to fill the GPU (or no GPU: the interpreter gains
-    nothing)."""
+    fold's chunks / L steps (a fold step costs more than a scan step: of 8, 16 and 32 chunks at 65k tokens, 32 was
+    fastest on an H100, NOTES.md), unless the unsegmented pass already has enough programs to fill the GPU (or no
+    GPU: the interpreter gains nothing). The environment variable LCTRAIN_GDN_SEGMENT_CHUNKS overrides it (for
+    benchmarks)."""
     override = os.environ.get("LCTRAIN_GDN_SEGMENT_CHUNKS")
     if override:
         return max(1, int(override))
@@ -607,7 +607,7 @@ def _tables(B: int, T: int, offsets: torch.Tensor | None, device: torch.device, 
         tables = tables.pin_memory().to(device, non_blocking=True)
     a, b, c = chunks.numel(), N, segs.numel()
     return Layout(tables[:a].view(-1, 3), tables[a:a + b], tables[a + b:a + b + c].view(-1, 6),
-                  tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0], L)
+                  tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0])
 
 
 def _pow2(n: int) -> int:
@@ -628,9 +628,9 @@ TUNING = {
     "grad_scan": (32, 4, 2),  # _bwd_scan_kernel, writing dh and dvn
     "grads": (64, 8, 2),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
 }
-# Keep the forward's w, T, h, vn and gc for the backward (about 4.5 values per token and head plus K x V per chunk:
-# ~1.2 GB per layer at 65k tokens, 16 heads of 128) instead of recomputing them there (a UT transform and a state
-# scan, ~30% of the backward's time). False trades that time for memory.
+# Keep the forward's w, T, vn, gc (K + 64 + V + 1 values per token and value head) and h (K x V per chunk) for the
+# backward: ~1.2 GB per layer at 65k tokens and 16 heads of 128, in bf16. Recomputing them instead (False) costs a
+# UT transform and a state scan in the backward (~0.8 + ~0.9 ms at that size on an H100, benchmarks/NOTES.md).
 KEEP_FORWARD_STATES = True
 
 
@@ -739,6 +739,7 @@ def _per_chunk_grid(role, layout: Layout, HV: int, K: int, V: int):
 
 
 def output(q, k, gc, h, vn, layout: Layout, scale: float, out_dtype):
+    """o [B, T, HV, V] from every chunk's entering state h and pseudo-values vn."""
     B, T, H, K = q.shape
     HV, V = vn.shape[2], vn.shape[3]
     o = new_output((B, T, HV, V), out_dtype, q.device)
@@ -749,6 +750,7 @@ def output(q, k, gc, h, vn, layout: Layout, scale: float, out_dtype):
 
 
 def local_dvn(q, k, gc, do, layout: Layout, scale: float):
+    """scale P^T do [B, T, HV, V] (input dtype): each chunk's own part of the pseudo-values' gradient."""
     B, T, H, K = q.shape
     HV, V = do.shape[2], do.shape[3]
     dvl = new_output((B, T, HV, V), k.dtype, q.device)
