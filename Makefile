@@ -17,13 +17,17 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 demo: setup
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/lctrain demo --config configs/demo.yaml --run-dir $(RUN_DIR)
+	$(BIN)/lctrain demo --config configs/demo.yaml --run-dir $(RUN_DIR)
 
 # make ray-demo: the demo config as a Ray job (lctrain submit) on a local single-node cluster with token auth,
 # stopped at the end also on failure; prints how to open TensorBoard on the run (lctrain/ray/demo.py).
 .PHONY: ray-demo
 ray-demo: setup
 	$(BIN)/python -m lctrain.ray.demo --config configs/demo.yaml --run-dir runs/ray-demo
+
+# The venv's tools first on PATH for every target: DeepSpeed builds its CPU communication op with the ninja it
+# finds, and a different ninja on a later run would rebuild it.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra

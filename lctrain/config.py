@@ -406,3 +406,13 @@ def check_config(c: RunConfig, world_size: int | None = None) -> None:
              f"checkpoint.resume={c.checkpoint.resume!r}: use 'none', 'auto' or an existing checkpoint directory")
     _require(not c.checkpoint.init_from or pathlib.Path(c.checkpoint.init_from).is_dir(),
              f"checkpoint.init_from={c.checkpoint.init_from!r}: use '' or a folder of weights written by `lctrain import-hf`")
+
+
+def check_prepared_inputs(config: RunConfig) -> None:
+    """What must exist before training starts (checked before anything is written)."""
+    if not config.tokenizer_path.is_file():
+        raise ConfigError(f"tokenizer {str(config.tokenizer_path)!r} does not exist; run `lctrain train-tokenizer` "
+                          f"with this config first, or set tokenizer.path")
+    if not (config.dataset_dir / "meta.json").is_file():
+        raise ConfigError(f"no prepared dataset in {str(config.dataset_dir)!r}; run `lctrain prepare-data` with this "
+                          f"config first, or set data.dataset_dir")

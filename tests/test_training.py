@@ -112,6 +112,8 @@ def test_zero2_resume_is_exact_and_a_crash_during_save_keeps_the_last_checkpoint
     assert max(before_crash) == 6
 
     torchrun(broken, *prepared, *steps, "checkpoint.resume=auto")
+    steps_logged = [json.loads(line)["step"] for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps_logged if s <= 8] == sorted(set(steps_logged)), "records past the resume step were kept"
     resumed = losses(broken)
     # steps 1-6 from the first attempt, then 4-8 again from the step-3 checkpoint: identical to the whole run
     assert {s: v for s, v in resumed.items() if s <= 3} == {s: reference[s] for s in range(1, 4)}

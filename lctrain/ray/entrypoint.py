@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(key_value("--env", e) for e in args.env)
         config = absolute_paths(load_config(args.config, args.overrides), pathlib.Path.cwd())
         check_config(config, scaling.num_workers)
-        from lctrain.train.loop import check_inputs
+        from lctrain.config import check_prepared_inputs
 
-        check_inputs(config)
+        check_prepared_inputs(config)
         import ray
 
         ray.init(address="auto",  # the job's cluster (RAY_ADDRESS is set for a job), never a new local one

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from lctrain.config import ConfigError, RunConfig, check_config, dump_config
+from lctrain.config import ConfigError, RunConfig, check_config, check_prepared_inputs, dump_config
 from lctrain.model.hybrid import HybridModel, transformer_config
 from lctrain.model.layout import layout_from_cu_seqlens
 from lctrain.parallel.groups import init_parallel
@@ -75,16 +75,6 @@ def build_optimizer(model: torch.nn.Module, config: RunConfig, device: torch.dev
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=device.type == "cuda")
 
 
-def check_inputs(config: RunConfig) -> None:
-    """What must exist before training starts (checked before anything is written)."""
-    if not config.tokenizer_path.is_file():
-        raise ConfigError(f"tokenizer {str(config.tokenizer_path)!r} does not exist; run `lctrain train-tokenizer` "
-                          f"with this config first, or set tokenizer.path")
-    if not (config.dataset_dir / "meta.json").is_file():
-        raise ConfigError(f"no prepared dataset in {str(config.dataset_dir)!r}; run `lctrain prepare-data` with this "
-                          f"config first, or set data.dataset_dir")
-
-
 def model_inputs(batch, device: torch.device):
     """(input_ids, labels, layout) of this rank's share of a micro-batch: the whole batch, or under context
     parallelism this rank's slice of every row."""
@@ -128,7 +118,7 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> dict:
     from lctrain.data.tokenizer import Tokenizer
 
     hooks = hooks or TrainHooks()
-    check_inputs(config)
+    check_prepared_inputs(config)
     par = init_parallel(config.parallel.tensor_parallel_size, config.parallel.context_parallel_size, config.train.seed)
     check_config(config, par.world_size)
     device, rank0 = par.device, par.rank == 0

@@ -3,11 +3,13 @@
 Scalars (tag: meaning): train/loss (mean next-token loss over the step's tokens), train/lr, train/grad_norm,
 perf/tokens_per_s (all ranks' tokens / step time), perf/tflops (achieved model TFLOP/s per GPU, lctrain.train.flops),
 perf/mfu (tflops / the GPU's dense bf16 peak), perf/step_time_s, perf/peak_memory_gib (GPU: peak allocated; CPU:
-peak resident set of the process), eval/loss.
+peak resident set of the process), eval/loss. A resumed run drops the records an interrupted attempt wrote past the
+resume step, as TensorBoard's purge_step does for its events.
 """
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import resource
 import time
@@ -32,7 +34,13 @@ class MetricsLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if path.exists():  # a resumed run: forget what an interrupted attempt logged past the resume step
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.jsonl = open(path, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
