@@ -310,6 +310,19 @@ def test_layer_variants_export_exactly(prepared, env, tmp_path):
     assert results["options"]["format"] == "LctrainForCausalLM"
 
 
+@pytest.mark.slow
+def test_zero0_bf16_and_zero1_checkpoints_export_their_float32_masters(prepared, env, tmp_path):
+    """One-process training runs (ZeRO-0 in bfloat16: DeepSpeed keeps the float32 masters in the optimizer's
+    fp32_groups; ZeRO-1 in float32), exported and verified."""
+    result_file = tmp_path / "zero.json"
+    run([__file__, "zero", tmp_path, result_file, *prepared], env)
+    results = json.loads(result_file.read_text())
+    assert set(results) == {"0-bf16", "1-fp32"}
+    for name, r in results.items():
+        assert r["logit_difference"] <= TOLERANCE, (name, r)
+    assert results["0-bf16"]["masters_differ_from_module"]  # the export used the float32 masters, not bf16 copies
+
+
 def test_tensor_parallel_rules_cut_and_join_inverse():
     from lctrain.config import ModelConfig
     from lctrain.hf.layout import RULES, TOP_LEVEL, Split, cut_shard, join_shards
@@ -451,6 +464,27 @@ def _variants(folder, result_file, *prepared) -> None:
     pathlib.Path(result_file).write_text(json.dumps(results))
 
 
+def _zero(folder, result_file, *prepared) -> None:
+    from lctrain.config import load_config
+    from lctrain.hf.consolidate import load_checkpoint
+    from lctrain.hf.export import convert
+    from lctrain.train.loop import train
+
+    results = {}
+    for stage, precision in ((0, "bf16"), (1, "fp32")):
+        run_dir = pathlib.Path(folder) / f"zero{stage}"
+        train(load_config(None, [*TINY, *TRAIN, *prepared, "model.pattern=G-*-", f"run_dir={run_dir}", "train.steps=2",
+                                 f"deepspeed.zero_stage={stage}", f"train.precision={precision}"]))
+        summary = convert(run_dir, run_dir.parent / f"hf{stage}", log=lambda *_: None)
+        step = load_checkpoint(run_dir).path
+        module = torch.load(step / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        masters = load_checkpoint(run_dir).shards[0]
+        results[f"{stage}-{precision}"] = {
+            "logit_difference": summary["max_logit_difference"],
+            "masters_differ_from_module": any(not torch.equal(masters[k], module[k].float()) for k in masters)}
+    pathlib.Path(result_file).write_text(json.dumps(results))
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
-    {"check": _check, "variants": _variants}[command](*arguments)
+    {"check": _check, "variants": _variants, "zero": _zero}[command](*arguments)

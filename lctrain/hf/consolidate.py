@@ -10,7 +10,9 @@ data-parallel group: data x context-parallel ranks):
     rank_<r>.pt                                   lctrain's own per-rank state (one per process)
 The float32 master weights are read through DeepSpeed's own zero_to_fp32 routines, one tensor-parallel rank at a
 time (they know one model-parallel rank only). Without ZeRO optimizer files (ZeRO-0 in float32) the module state
-holds the float32 weights itself. A run directory made by ``lctrain import-hf`` and not trained yet reads as the
+holds the float32 weights itself; with bf16 it holds bfloat16 weights, the float32 masters being the optimizer's
+``fp32_groups`` (one list per parameter group, in the order lctrain.train.loop.build_optimizer makes them, each
+checked against the module's bfloat16 copy). A run directory made by ``lctrain import-hf`` and not trained yet reads as the
 single-device weights it was given (``imported/``).
 """
 from __future__ import annotations
@@ -130,6 +132,30 @@ def _zero_master_weights(folder: pathlib.Path, model_files: list[pathlib.Path],
         return {k: v.detach().float().clone() for k, v in z.to_torch_tensor(state).items()}
 
 
+def _zero0_master_weights(folder: pathlib.Path, states: dict) -> dict[str, torch.Tensor]:
+    """Without ZeRO: the module's weights, or (bf16 training) the optimizer's float32 masters of them."""
+    module = {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
+    if any(v.numel() == 0 for v in module.values()):
+        raise ConversionError(f"checkpoint {folder} has no optimizer shards but a partitioned module state: it is incomplete")
+    if all(v.dtype == torch.float32 for v in module.values()):
+        return {k: v.detach().clone() for k, v in module.items()}
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    # lctrain.train.loop.build_optimizer: group 0 the matmul weights (decayed), group 1 the rest
+    decayed = [k for k, v in module.items() if v.dim() >= 2 and "conv" not in k]
+    groups = [decayed, [k for k in module if k not in decayed]]
+    if not masters or [len(g) for g in masters] != [len(g) for g in groups]:
+        raise ConversionError(f"checkpoint {folder} holds {next(iter(module.values())).dtype} weights without their "
+                              f"float32 masters: it is incomplete")
+    shard = {}
+    for names, tensors in zip(groups, masters):
+        for name, master in zip(names, tensors):
+            if master.shape != module[name].shape or not torch.equal(master.to(module[name].dtype), module[name]):
+                raise ConversionError(f"checkpoint {folder}: the optimizer's float32 weights do not match the module's "
+                                      f"{name}; the checkpoint was not written by lctrain's training loop")
+            shard[name] = master.detach().float().clone()
+    return shard
+
+
 def load_imported(run_dir: pathlib.Path) -> Checkpoint:
     """The weights ``lctrain import-hf`` put into a run directory, as a one-rank checkpoint of step 0."""
     from lctrain.hf.weights import load_tensors
@@ -170,15 +196,8 @@ def load_checkpoint(path: str | pathlib.Path) -> Checkpoint:
             if not f.is_file():
                 raise ConversionError(f"checkpoint {folder} is incomplete: {f.name} is missing")
         optim_files = _optimizer_files(folder, mp_rank, partitions)
-        if optim_files:
-            shard = _zero_master_weights(folder, model_files, optim_files)
-        else:
-            module = {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
-            if any(v.dtype != torch.float32 or v.numel() == 0 for v in module.values()):
-                raise ConversionError(f"checkpoint {folder} has no optimizer shards and its module state is not "
-                                      f"float32 weights: it is incomplete")
-            shard = {k: v.detach().float().clone() for k, v in module.items()}
-        shards.append(shard)
+        shards.append(_zero_master_weights(folder, model_files, optim_files) if optim_files
+                      else _zero0_master_weights(folder, states))
     missing = [r for r in range(world) if not (folder / f"rank_{r}.pt").is_file()]
     if missing:
         raise ConversionError(f"checkpoint {folder} is incomplete: rank files {['rank_%d.pt' % r for r in missing]} "
