@@ -82,6 +82,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config, device),
                                       config=deepspeed_config(config, bf16), dist_init_required=False)
     rows = []
+    print(f"{name}: model built and DeepSpeed engine ready", flush=True)
     for T in lengths:
         row = Row(name, T, "lctrain")
         ids = torch.randint(0, config.model.vocab_size, (1, T), device=device)
@@ -116,6 +117,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
         row.breakdown = ", ".join(f"{k} {v / row.step_ms:.0%}" for k, v in shares.items())
         row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
         rows.append(row)
+        print("measured:", row, flush=True)
     del engine, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -213,6 +215,7 @@ def peer_rows(lengths: list[int], args, device, ceiling: float) -> list[Row]:
         row.tflops = row.tokens_per_s * flops_per_token / 1e12
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         row.note = f"{params / 1e9:.2f}B params, 6N FLOPs"
+        print("measured:", row, flush=True)
     del model, optimizer
     torch.cuda.empty_cache()
     return rows
