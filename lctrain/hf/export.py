@@ -2,7 +2,7 @@
 
 Steps: check the inputs (checkpoint complete, tokenizer fits the vocabulary, output folder free); consolidate the
 ZeRO and tensor-parallel shards (lctrain.hf.consolidate); map the tensors onto a native architecture where one fits
-(lctrain.hf.native: Qwen3-Next, Mamba2), else onto the remote-code model (lctrain.hf.remote); write config.json,
+(lctrain.hf.native: Qwen3-Next, Mamba2, Bamba), else onto the remote-code model (lctrain.hf.remote); write config.json,
 generation_config.json, the safetensors and the tokenizer into a staging folder beside the output; check that the
 exported model computes lctrain's logits (lctrain.hf.verify); then move the folder into place. Any failure removes
 the staging folder: the output is either the complete, checked export or untouched.
@@ -96,7 +96,7 @@ def _cast_tensors(folder: pathlib.Path, dtype: torch.dtype, max_shard_bytes: int
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+def move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
     if out.exists():
         old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)
@@ -107,8 +107,8 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
 
 
 def write_folder(folder: pathlib.Path, fmt, model: ModelConfig, full: dict[str, torch.Tensor], common: dict,
-                 tokenizer: pathlib.Path, max_shard_bytes: int) -> dict:
-    """Everything of an export folder (float32 tensors); returns its config."""
+                 tokenizer: pathlib.Path, max_shard_bytes: int) -> None:
+    """Everything of an export folder, tensors in float32."""
     hf_config = fmt.hf_config(model, common)
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     write_generation_config(folder, hf_config)
@@ -117,7 +117,6 @@ def write_folder(folder: pathlib.Path, fmt, model: ModelConfig, full: dict[str, 
         remote.Remote.write_code(folder)
     write_hf_tokenizer(tokenizer, folder)
     check_same_encoding(tokenizer, folder, fmt.remote)
-    return hf_config
 
 
 def convert(checkpoint: str | pathlib.Path, out: str | pathlib.Path, dtype: str = "fp32", overwrite: bool = False,
@@ -152,7 +151,7 @@ def export(ckpt: Checkpoint, out: pathlib.Path, dtype: str = "fp32", verify: boo
             log(f"verified: max |logit difference| {difference:.2e} <= {TOLERANCE} (float32, {fmt.name} vs lctrain)")
         if dtype != "fp32":
             _cast_tensors(staging, DTYPES[dtype], max_shard_bytes)
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

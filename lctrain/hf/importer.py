@@ -1,5 +1,5 @@
-"""``lctrain import-hf``: a Hugging Face model folder (an lctrain export, or a native Qwen3-Next / Mamba2 model of
-lctrain's shape) as a run directory whose training starts from its weights.
+"""``lctrain import-hf``: a Hugging Face model folder (an lctrain export, or a native Qwen3-Next / Mamba2 / Bamba model
+of lctrain's shape) as a run directory whose training starts from its weights.
 
 The run directory gets ``config.yaml`` (the given config, its model section replaced by the one the folder
 describes, ``checkpoint.init_from`` pointing at the weights), ``imported/model.safetensors`` (the single-device
@@ -19,7 +19,7 @@ import tempfile
 from lctrain.config import ModelConfig, RunConfig, _build, check_config, dump_config
 from lctrain.hf import native, remote
 from lctrain.hf.consolidate import ConversionError
-from lctrain.hf.export import check_output_folder, _move_into_place
+from lctrain.hf.export import check_output_folder, move_into_place
 from lctrain.hf.weights import load_tensors, save_tensors
 
 FORMATS = {f.model_type: f for f in (native.Qwen3Next, native.Mamba2, native.Bamba, remote.Remote)}
@@ -77,7 +77,7 @@ def import_model(model_dir: str | pathlib.Path, config: RunConfig, out: str | pa
         (staging / "tokenizer").mkdir()
         shutil.copyfile(tokenizer, staging / "tokenizer" / "tok.model")
         (staging / "config.yaml").write_text(dump_config(config))
-        _move_into_place(staging, out)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
