@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 def test_defaults_and_yaml_roundtrip(tmp_path):
     config = load_config(ROOT / "configs" / "demo.yaml")
-    assert config.model.pattern == "G-W-G-W-"
+    assert config.model.pattern == "G-S-M-B-W-"
     assert config.deepspeed.zero_stage == 2
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(dump_config(config))
