@@ -46,12 +46,16 @@ def init_parallel(tensor_parallel_size: int = 1, context_parallel_size: int = 1,
     with nccl on GPUs and gloo on CPUs, then megatron-core's model-parallel groups."""
     device = _pick_device()
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python` run: one process
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # started by a launcher (deepspeed, torchrun, Ray Train)
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a plain `python` run: one process. No RANK or MASTER_PORT goes into the environment: processes
+            # this one starts (tests, benchmarks) would inherit a port this process already listens on. LOCAL_RANK
+            # does (DeepSpeed's engine asserts it is set; a launcher sets its own for each process it starts).
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                                    timeout=timeout)
     world = dist.get_world_size()
     if world % (tensor_parallel_size * context_parallel_size):
         raise ValueError(f"world size {world} must be divisible by parallel.tensor_parallel_size x "
