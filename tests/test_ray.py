@@ -100,16 +100,12 @@ def test_job_trains_and_recovers_from_a_killed_worker(cluster, prepared, tmp_pat
     assert f"resumed from {run / 'checkpoints' / 'step_00000003'} at step 3" in output
     assert "lctrain: finished at step 8" in output
 
-    # metrics.jsonl: the first attempt logged steps 1-5 (rank 0 logs step 5 unless Ray stops it first, right after
-    # rank 1 is gone); the restarted group continues from the checkpoint step, 4, and ends at the configured 8.
+    # metrics.jsonl: the restarted group resumed at step 3 and dropped what the first attempt logged past it (steps
+    # 4-5), so each step appears once, from 1 to the configured 8. (That a resumed step recomputes exactly the same
+    # loss is checked in test_training.py's ZeRO-2 resume test.)
     records = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
-    steps = [r["step"] for r in records]
-    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
-    assert steps[:restart] in ([1, 2, 3, 4], [1, 2, 3, 4, 5]) and steps[restart:] == [4, 5, 6, 7, 8], steps
-    first, second = records[:restart], records[restart:]
-    for step in range(4, restart + 1):  # recomputed from the step-3 checkpoint (data position, RNG restored): exact
-        assert second[step - 4]["train/loss"] == first[step - 1]["train/loss"], (step, first, second)
-    assert second[-1]["train/loss"] < first[0]["train/loss"] - 0.2
+    assert [r["step"] for r in records] == list(range(1, 9)), records
+    assert records[-1]["train/loss"] < records[0]["train/loss"] - 0.2
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
