@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         spec: OpSpec = importlib.import_module(f"kernel_ops.{op}").SPEC
         lengths = args.T or (spec.tiny_lengths if args.tiny else spec.lengths)
         rows = benchmark(spec, lengths, device, dtype, 2 if args.tiny else args.reps)
-        texts.append(print_table(rows, ceilings, f"== {op} on {gpu}, {dtype}", baseline_impl=spec.baseline))
+        texts.append(print_table(rows, ceilings, f"== {op} on {gpu}, {spec.input_dtype or dtype}", baseline_impl=spec.baseline))
     if args.out:
         with open(args.out, "a") as f:
             f.write("\n\n".join(texts) + "\n")

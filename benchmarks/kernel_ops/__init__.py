@@ -33,3 +33,4 @@ class OpSpec:
     cost: Callable[[int], tuple[float, float, float, float]]
     impls: Callable[[], list[Impl]]
     baseline: str
+    input_dtype: torch.dtype | None = None  # set when the op fixes its inputs' dtype (the table's title says it)

@@ -1,7 +1,7 @@
 """causal_fft_conv (lctrain's Triton FFT convolution) vs the torch.fft path (rfft, multiply, irfft).
 
 Shapes of issue 5: B = 1, C = 2048 channels, T = 8k .. 131k, u [1, T, C], k [C, T]. All impls take float32 inputs
-(the harness's dtype, printed in the table's title, is not used: the issue states the baseline in float32):
+(not the harness's dtype: the issue states the baseline in float32):
 torch.fft computes in float32 (cuFFT) along T of [B, T, C] ("torch.fft", lctrain's fallback) or of a channel-major
 copy ("torch.fft [C,T]": transpose, FFTs along the contiguous axis, transpose back);
 lctrain keeps float32 intermediates and multiplies on tensor cores in tf32. ``SPEC_BF16`` is the same with bfloat16
@@ -66,9 +66,11 @@ def _impls() -> list[Impl]:
 
 
 SPEC = OpSpec(name="fftconv", lengths=[8192, 32768, 65536, 131072], tiny_lengths=[64],
-              make_inputs=_make_inputs(torch.float32), cost=_cost(4), impls=_impls, baseline="torch.fft")
+              make_inputs=_make_inputs(torch.float32), cost=_cost(4), impls=_impls, baseline="torch.fft",
+              input_dtype=torch.float32)
 SPEC_BF16 = OpSpec(name="fftconv", lengths=SPEC.lengths, tiny_lengths=SPEC.tiny_lengths,
-                   make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft")
+                   make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft",
+                   input_dtype=torch.bfloat16)
 
 # Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
 VARIANTS = {"tile 32x16": dict(tile=512), "keep rows": dict(keep_rows=True)}
