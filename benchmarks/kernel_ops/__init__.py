@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Callable
 
 import torch
@@ -34,3 +35,19 @@ class OpSpec:
     impls: Callable[[], list[Impl]]
     baseline: str
     input_dtype: torch.dtype | None = None  # set when the op fixes its inputs' dtype (the table's title says it)
+
+
+def fla_impl(module: str, function: str, call: Callable[[Callable, dict], object]) -> Impl:
+    """The peer, flash-linear-attention (from the GPU bundle; never a dependency of lctrain): ``function`` of
+    ``module`` applied by ``call(function, inputs)``; unavailable, with the reason, without CUDA or without fla."""
+    if not torch.cuda.is_available():
+        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
+    try:
+        fla_chunk_o = importlib.import_module("fla.ops.common.chunk_o")
+        peer = getattr(importlib.import_module(module), function)
+    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
+        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
+    # fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue #640, a miscompile in one of
+    # its kernels); for timing only, bypass the guard, as the project rules allow. Its gradients are not checked.
+    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
+    return Impl("fla", lambda x: call(peer, x))

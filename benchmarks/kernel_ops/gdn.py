@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Impl, OpSpec
+from . import Impl, OpSpec, fla_impl
 
 GPU_DIMS = (16, 128, 128)  # H, K, V
 CPU_DIMS = (2, 32, 32)
@@ -67,17 +67,7 @@ def _lctrain() -> Impl:
 
 
 def _fla() -> Impl:
-    if not torch.cuda.is_available():
-        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
-    try:
-        import fla.ops.common.chunk_o as fla_chunk_o
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
-    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
-        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
-    # fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (its issue #640, a miscompile); for
-    # timing only, bypass the guard, as the project rules allow. Its gradients on this stack are not checked here.
-    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-    return Impl("fla", lambda x: fla_chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])
+    return fla_impl("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", lambda f, x: f(x["q"], x["k"], x["v"], x["g"], x["beta"])[0])
 
 
 def attention_cost(T: int) -> tuple[float, float, float, float]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Impl, OpSpec
+from . import Impl, OpSpec, fla_impl
 
 GPU_DIMS = (4, 512, 512, 64)  # H, K, V, M
 CPU_DIMS = (1, 32, 32, 16)
@@ -57,17 +57,7 @@ def _lctrain() -> Impl:
 
 
 def _fla() -> Impl:
-    if not torch.cuda.is_available():
-        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
-    try:
-        import fla.ops.common.chunk_o as fla_chunk_o
-        from fla.ops.gsa import chunk_gsa as fla_chunk_gsa
-    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
-        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
-    # fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (a miscompile in another op's kernel);
-    # for timing only, bypass the guard, as the project rules allow.
-    fla_chunk_o.TRITON_ABOVE_3_7_1 = True
-    return Impl("fla", lambda x: fla_chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])[0])
+    return fla_impl("fla.ops.gsa", "chunk_gsa", lambda f, x: f(x["q"], x["k"], x["v"], x["s"], x["g"])[0])
 
 
 SPEC = OpSpec(
