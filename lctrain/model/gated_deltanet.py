@@ -19,15 +19,12 @@ from megatron.core.transformer.module import MegatronModule
 from lctrain.config import GatedDeltaNetConfig
 from lctrain.kernels.gated_delta import chunk_gated_delta_rule
 from lctrain.kernels.gated_delta.checks import MAX_HEAD_DIM
+from lctrain.kernels.norm import l2_norm
 from lctrain.model.layout import TokenLayout
 from lctrain.model.norm import GatedRMSNorm
 from lctrain.model.short_conv import ShortConv
 from lctrain.model.tp import replicated_parameter, sharded_parameter
 from lctrain.parallel.state_passing import EntryPass, run_recurrence
-
-
-def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    return x * torch.rsqrt((x.float() * x.float()).sum(-1, keepdim=True) + eps).to(x.dtype)
 
 
 class GatedDeltaRecurrence:
@@ -119,8 +116,8 @@ class GatedDeltaNet(MegatronModule):
         q, k = self.qk_proj(x)[0].chunk(2, dim=-1)
         v, z = self.vz_proj(x)[0].chunk(2, dim=-1)
         b, a = self.ba_proj(x)[0].chunk(2, dim=-1)
-        q = l2_normalize(self.q_conv(q, layout).view(1, length, self.heads, self.key_dim))
-        k = l2_normalize(self.k_conv(k, layout).view(1, length, self.heads, self.key_dim))
+        q = l2_norm(self.q_conv(q, layout).view(1, length, self.heads, self.key_dim))
+        k = l2_norm(self.k_conv(k, layout).view(1, length, self.heads, self.key_dim))
         v = self.v_conv(v, layout).view(1, length, self.value_heads, self.value_dim)
         beta = torch.sigmoid(b.float()).to(x.dtype)
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
