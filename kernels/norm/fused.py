@@ -30,11 +30,6 @@ TUNING = {"block_elements": 4096, "max_programs": 2048}
 
 
 @triton.jit
-def _row_offsets(rows, heads, outer, inner):
-    return (rows // heads) * outer + (rows % heads) * inner
-
-
-@triton.jit
 def _norm_fwd_kernel(x, gate, weight, y, n_rows, heads, x_outer, x_inner, g_outer, g_inner, D, inv_n, eps,
                      blocks_per_program, BT: tl.constexpr, BD: tl.constexpr,
                      HAS_WEIGHT: tl.constexpr, HAS_GATE: tl.constexpr):
@@ -46,14 +41,15 @@ def _norm_fwd_kernel(x, gate, weight, y, n_rows, heads, x_outer, x_inner, g_oute
     for i in range(blocks_per_program):
         rows = (first_block + i) * BT + tl.arange(0, BT)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
-        b_x = tl.load(x + _row_offsets(rows, heads, x_outer, x_inner)[:, None] + cols[None, :],
+        m, h = rows // heads, rows % heads
+        b_x = tl.load(x + (m * x_outer + h * x_inner)[:, None] + cols[None, :],
                       mask=mask, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) * inv_n + eps)
         b_y = b_x * r[:, None]
         if HAS_WEIGHT:
             b_y = b_y * w[None, :]
         if HAS_GATE:
-            b_g = tl.load(gate + _row_offsets(rows, heads, g_outer, g_inner)[:, None] + cols[None, :],
+            b_g = tl.load(gate + (m * g_outer + h * g_inner)[:, None] + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
             b_y = b_y * b_g * tl.sigmoid(b_g)
         tl.store(y + rows[:, None] * D + cols[None, :], b_y.to(y.dtype.element_ty), mask=mask)
@@ -72,14 +68,15 @@ def _norm_bwd_kernel(x, gate, weight, dy, dx, dgate, dweight_partial, n_rows, he
     for i in range(blocks_per_program):
         rows = (first_block + i) * BT + tl.arange(0, BT)
         mask = (rows < n_rows)[:, None] & col_mask[None, :]
-        b_x = tl.load(x + _row_offsets(rows, heads, x_outer, x_inner)[:, None] + cols[None, :],
+        m, h = rows // heads, rows % heads
+        b_x = tl.load(x + (m * x_outer + h * x_inner)[:, None] + cols[None, :],
                       mask=mask, other=0.0).to(tl.float32)
         r = tl.rsqrt(tl.sum(b_x * b_x, axis=1) * inv_n + eps)
         x_hat = b_x * r[:, None]
-        b_du = tl.load(dy + _row_offsets(rows, heads, dy_outer, dy_inner)[:, None] + cols[None, :],
+        b_du = tl.load(dy + (m * dy_outer + h * dy_inner)[:, None] + cols[None, :],
                        mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:
-            b_g = tl.load(gate + _row_offsets(rows, heads, g_outer, g_inner)[:, None] + cols[None, :],
+            b_g = tl.load(gate + (m * g_outer + h * g_inner)[:, None] + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(b_g)
             normed = x_hat
