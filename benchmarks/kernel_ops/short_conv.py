@@ -73,13 +73,13 @@ SPEC = OpSpec(
 
 # Tile variants (conv.TUNING entries: Tiles(tokens, channels, warps, blocks_per_program)), each against the default.
 VARIANTS = {
-    "fwd 32x128": {"forward": (32, 128, 4, 1)},
-    "fwd 128x64": {"forward": (128, 64, 4, 1)},
-    "fwd 64x256 8 warps": {"forward": (64, 256, 8, 1)},
-    "bwd 16x128": {"backward": (16, 128, 4, 64)},
-    "bwd 64x64": {"backward": (64, 64, 4, 16)},
-    "bwd 32x256 8 warps": {"backward": (32, 256, 8, 32)},
-    "bwd 8 tiles/program": {"backward": (32, 128, 4, 8)},
+    "fwd 32x128 4 warps": {"forward": (32, 128, 4, 1)},
+    "fwd 32x64 4 warps": {"forward": (32, 64, 4, 1)},
+    "fwd 128x64 8 warps": {"forward": (128, 64, 8, 1)},
+    "bwd 64x64 8 warps": {"backward": (64, 64, 8, 16)},
+    "bwd 32x128 8 warps": {"backward": (32, 128, 8, 32)},
+    "bwd 16x128 4 warps": {"backward": (16, 128, 4, 64)},
+    "bwd 8 tiles/program": {"backward": (32, 64, 4, 8)},
 }
 
 

@@ -9,12 +9,13 @@ ids); without a halo they read zero. Backward, with dz = dy silu'(z), silu'(z) =
     dx[t]    = sum_{s < W} w[c, W-1-s] dz[t + s] [doc[t + s] == doc[t]]     (t + s < N; halo slots t < 0 alike)
     dw[c, j] = sum_t dz[t] x[t - (W-1) + j] [doc[t - (W-1) + j] == doc[t]]
 
-Memory traffic is the point (the op does ~2W flops per element): the forward reads x once and writes y; the backward
-reads x and dy and writes dx. Nothing else of size [R, N, C] is stored or read: the backward recomputes z at the W
-shifted positions t + s it needs instead of keeping it (W x W shifted tiles of x, all but one hit the L1/L2 cache),
-and each backward program walks ``blocks_per_program`` token tiles in a row, so its weight gradient partial is summed
-in registers and the float32 partials ([programs, W, C], a few MB) are summed in torch afterwards: deterministic,
-no atomics. Accumulation is float32; the weight is read as float32.
+Memory traffic is the point (the op does ~2W flops per element): the forward reads x once (its W shifted tile
+loads after the first hit the L1/L2 cache) and writes y; the backward reads x and dy and writes dx. Nothing else of
+size [R, N, C] is stored or read: a backward tile of BT tokens recomputes z (SiLU's derivative needs it) and dz once,
+and takes dz[t + s] by shifting the tile's rows in registers (tl.gather), so it yields dx for its first BT - (W-1)
+tokens (tiles overlap by W - 1 tokens). Each backward program walks ``blocks_per_program`` tiles of a row, summing
+its weight-gradient partial in registers; the float32 partials ([programs, W, C], a few MB) are summed in torch
+afterwards: deterministic, no atomics. Accumulation is float32; the weight is read as float32.
 """
 from __future__ import annotations
 
@@ -33,21 +34,23 @@ KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 takes 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    tokens: int  # BT: tokens per tile, a power of two >= 16 (the halo pass reuses the tile: >= W - 1)
+    tokens: int  # BT: a power of two >= 16 (a backward tile yields BT - (W-1) tokens; its halo pass needs >= 2 (W-1))
     channels: int  # BC: channels per tile, a power of two
     warps: int
     blocks_per_program: int = 1  # backward: consecutive token tiles one program walks (its weight-gradient partial)
 
 
-# CUDA tiles (not yet tuned on a GPU). The backward holds dx, dz and a recomputed z per tile: half the forward's tile.
-TUNING = {"forward": Tiles(64, 128, 4), "backward": Tiles(32, 128, 4, 32)}
+# CUDA tiles, not yet timed on a GPU; chosen from sm_90 register counts (offline compile with triton 3.9, W = 4, halo
+# and SiLU): forward 125 registers (2 programs of 8 warps per SM), backward 236 without spills (2 of 4 warps).
+TUNING = {"forward": Tiles(64, 64, 8), "backward": Tiles(32, 64, 4, 32)}
 # Under the interpreter each tile step costs milliseconds: few, large tiles (a tiny model's conv is one per row).
 INTERPRETER_TUNING = {"forward": Tiles(64, 64, 1), "backward": Tiles(64, 64, 1, 4)}
 
 
-def _tiles(role: str, length: int, channels: int, device: torch.device) -> Tiles:
+def _tiles(role: str, span: int, channels: int, device: torch.device) -> Tiles:
+    """The role's tiles, shrunk to the tokens one row's tiles must span and to the channels."""
     tiles = (TUNING if device.type == "cuda" else INTERPRETER_TUNING)[role]
-    return dataclasses.replace(tiles, tokens=min(tiles.tokens, max(16, triton.next_power_of_2(length))),
+    return dataclasses.replace(tiles, tokens=min(tiles.tokens, max(16, triton.next_power_of_2(span))),
                                channels=min(tiles.channels, max(16, triton.next_power_of_2(channels))))
 
 
@@ -55,15 +58,14 @@ def _tiles(role: str, length: int, channels: int, device: torch.device) -> Tiles
 
 
 @triton.jit
-def _tokens(x_row, halo_row, pos, chan, N, C, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
+def _tokens(x_row, halo_row, pos, chan, chan_ok, N, sx_t, sh_t, W: tl.constexpr, HAS_HALO: tl.constexpr):
     """x at token positions pos [BT] and channels chan [BC], float32 [BT, BC]: halo slot pos + W - 1 for
     -(W-1) <= pos < 0, zero where no token is."""
-    chan_ok = (chan < C)[None, :]
     at = pos.to(tl.int64)[:, None]
-    inside = ((pos >= 0) & (pos < N))[:, None] & chan_ok
+    inside = ((pos >= 0) & (pos < N))[:, None] & chan_ok[None, :]
     vals = tl.load(x_row + at * sx_t + chan[None, :], mask=inside, other=0.0).to(tl.float32)
     if HAS_HALO:
-        before = ((pos < 0) & (pos > -W))[:, None] & chan_ok
+        before = ((pos < 0) & (pos > -W))[:, None] & chan_ok[None, :]
         vals += tl.load(halo_row + (at + W - 1) * sh_t + chan[None, :], mask=before, other=0.0).to(tl.float32)
     return vals
 
@@ -79,18 +81,17 @@ def _docs(doc_row, halo_doc_row, pos, N, W: tl.constexpr, HAS_HALO: tl.constexpr
 
 
 @triton.jit
-def _preactivation(x_row, halo_row, doc_row, halo_doc_row, weight, pos, chan, N, C, sx_t, sh_t, W: tl.constexpr,
-                   BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr):
-    """z at positions pos: the W taps, each dropped where its token is of another document (float32 [BT, BC])."""
-    own = _docs(doc_row, halo_doc_row, pos, N, W, HAS_HALO)
+def _preactivation(x_row, halo_row, doc_row, halo_doc_row, w_col, pos, own, chan, chan_ok, N, sx_t, sh_t,
+                   W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr):
+    """z at positions pos (documents own): the W taps, each dropped where its token is of another document.
+    Returns (z, x at pos), float32 [BT, BC] each (the last tap is the token itself)."""
     z = tl.zeros((BT, BC), dtype=tl.float32)
     for j in tl.static_range(W):
         src = pos - (W - 1) + j
+        vals = _tokens(x_row, halo_row, src, chan, chan_ok, N, sx_t, sh_t, W, HAS_HALO)
         same = _docs(doc_row, halo_doc_row, src, N, W, HAS_HALO) == own
-        tap = tl.load(weight + chan * W + j, mask=chan < C, other=0.0).to(tl.float32)
-        vals = _tokens(x_row, halo_row, src, chan, N, C, sx_t, sh_t, W, HAS_HALO)
-        z += tl.where(same[:, None], vals, 0.0) * tap[None, :]
-    return z
+        z += tl.where(same[:, None], vals, 0.0) * tl.load(w_col + j, mask=chan_ok, other=0.0).to(tl.float32)[None, :]
+    return z, vals
 
 
 @triton.jit
@@ -101,49 +102,47 @@ def _short_conv_fwd_kernel(x, halo, doc, halo_doc, weight, y, N, C, tiles_per_ro
     row = (pid // tiles_per_row).to(tl.int64)
     pos = (pid % tiles_per_row) * BT + tl.arange(0, BT)
     chan = pid_c * BC + tl.arange(0, BC)
-    z = _preactivation(x + row * sx_r, halo + row * sh_r, doc + row * N, halo_doc + row * (W - 1), weight, pos, chan,
-                       N, C, sx_t, sh_t, W, BT, BC, HAS_HALO)
+    chan_ok = chan < C
+    doc_row, halo_doc_row = doc + row * N, halo_doc + row * (W - 1)
+    own = _docs(doc_row, halo_doc_row, pos, N, W, HAS_HALO)
+    z, _ = _preactivation(x + row * sx_r, halo + row * sh_r, doc_row, halo_doc_row, weight + chan * W, pos, own,
+                          chan, chan_ok, N, sx_t, sh_t, W, BT, BC, HAS_HALO)
     if ACTIVATION:
         z = z * tl.sigmoid(z)
     out = y + (row * N + pos.to(tl.int64))[:, None] * C + chan[None, :]
-    tl.store(out, z.to(y.dtype.element_ty), mask=(pos < N)[:, None] & (chan < C)[None, :])
+    tl.store(out, z.to(y.dtype.element_ty), mask=(pos < N)[:, None] & chan_ok[None, :])
 
 
 @triton.jit
-def _grad_z(x_row, halo_row, doc_row, halo_doc_row, weight, dy_row, pos, chan, N, C, sx_t, sh_t, W: tl.constexpr,
-            BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr, ACTIVATION: tl.constexpr):
-    """dL/dz at positions pos, zero outside [0, N): dy silu'(z), z recomputed."""
-    inside = ((pos >= 0) & (pos < N))[:, None] & (chan < C)[None, :]
-    dz = tl.load(dy_row + pos.to(tl.int64)[:, None] * C + chan[None, :], mask=inside, other=0.0).to(tl.float32)
-    if ACTIVATION:
-        z = _preactivation(x_row, halo_row, doc_row, halo_doc_row, weight, pos, chan, N, C, sx_t, sh_t, W, BT, BC,
-                           HAS_HALO)
-        s = tl.sigmoid(z)
-        dz = dz * s * (1 + z * (1 - s))
-    return dz
-
-
-@triton.jit
-def _grad_tile(x_row, halo_row, doc_row, halo_doc_row, weight, dy_row, dw, pos, chan, N, C, sx_t, sh_t,
-               W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr,
-               ACTIVATION: tl.constexpr, ACCUMULATE_DW: tl.constexpr):
-    """dx at positions pos (float32 [BT, BC]); with ACCUMULATE_DW, dw [WP, BC] gains the terms of the tokens pos."""
+def _grad_tile(x_row, halo_row, doc_row, halo_doc_row, w_col, dy_row, dw, start, kept, chan, chan_ok, N, C, sx_t,
+               sh_t, W: tl.constexpr, WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr,
+               ACTIVATION: tl.constexpr):
+    """Over the tokens t = start + i, i < BT: dz once (z recomputed), then for the first ``kept`` tokens (the other
+    W - 1 only feed them: dx[t] reads dz[t .. t+W-1]) g_s[t] = dz[t+s] [doc[t+s] == doc[t]], the rows of dz shifted
+    up by s inside the tile (a gather), dx[t] = sum_s w[W-1-s] g_s[t], and dw[W-1-s] += sum_t g_s[t] x[t]
+    (the same terms as sum_t dz[t] x[t-s], indexed by the earlier token). Returns (dx [BT, BC], dw [WP, BC])."""
+    rows = tl.arange(0, BT)
+    pos = start + rows
     own = _docs(doc_row, halo_doc_row, pos, N, W, HAS_HALO)
-    dx = tl.zeros((BT, BC), dtype=tl.float32)
+    z, x_own = _preactivation(x_row, halo_row, doc_row, halo_doc_row, w_col, pos, own, chan, chan_ok, N, sx_t, sh_t,
+                              W, BT, BC, HAS_HALO)
+    inside = ((pos >= 0) & (pos < N))[:, None] & chan_ok[None, :]
+    dz = tl.load(dy_row + pos.to(tl.int64)[:, None] * C + chan[None, :], mask=inside, other=0.0).to(tl.float32)
+    if ACTIVATION:  # silu'(z) = s (1 + z (1 - s)), s = sigmoid(z)
+        sig = tl.sigmoid(z)
+        dz = dz * sig * (1 + z * (1 - sig))
+    x_kept = tl.where((rows < kept)[:, None], x_own, 0.0)
     taps = tl.arange(0, WP)
+    dx = tl.zeros((BT, BC), dtype=tl.float32)
     for s in tl.static_range(W):
-        dz = _grad_z(x_row, halo_row, doc_row, halo_doc_row, weight, dy_row, pos + s, chan, N, C, sx_t, sh_t, W, BT,
-                     BC, HAS_HALO, ACTIVATION)
-        same = _docs(doc_row, halo_doc_row, pos + s, N, W, HAS_HALO) == own
-        tap = tl.load(weight + chan * W + (W - 1 - s), mask=chan < C, other=0.0).to(tl.float32)
-        dx += tl.where(same[:, None], dz, 0.0) * tap[None, :]
-        if ACCUMULATE_DW and s == 0:
-            for j in tl.static_range(W):
-                src = pos - (W - 1) + j
-                same_j = _docs(doc_row, halo_doc_row, src, N, W, HAS_HALO) == own
-                vals = _tokens(x_row, halo_row, src, chan, N, C, sx_t, sh_t, W, HAS_HALO)
-                term = tl.sum(tl.where(same_j[:, None], vals, 0.0) * dz, 0)
-                dw += tl.where(taps[:, None] == j, term[None, :], 0.0)
+        if s == 0:
+            g = dz
+        else:
+            later = tl.broadcast_to(tl.minimum(rows + s, BT - 1)[:, None], (BT, BC))  # rows >= kept read garbage
+            same = _docs(doc_row, halo_doc_row, pos + s, N, W, HAS_HALO) == own
+            g = tl.where(same[:, None], tl.gather(dz, later, 0), 0.0)
+        dx += g * tl.load(w_col + (W - 1 - s), mask=chan_ok, other=0.0).to(tl.float32)[None, :]
+        dw += tl.where(taps[:, None] == W - 1 - s, tl.sum(g * x_kept, 0)[None, :], 0.0)
     return dx, dw
 
 
@@ -152,32 +151,35 @@ def _short_conv_bwd_kernel(x, halo, doc, halo_doc, weight, dy, dx, dhalo, dw_par
                            groups_per_row, blocks_per_program, sx_r, sx_t, sh_r, sh_t, W: tl.constexpr,
                            WP: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_HALO: tl.constexpr,
                            HALO_GRAD: tl.constexpr, ACTIVATION: tl.constexpr):
-    """Program (row, group of token tiles, channel tile): dx of its tiles, dhalo (group 0), its dw partial."""
+    """Program (row, group of token tiles, channel tile): dx of its tiles (BT - (W-1) tokens each: tiles overlap by
+    the W - 1 tokens whose dz the last kept ones read), the halo's terms (group 0), its dw partial."""
     pid, pid_c = tl.program_id(0), tl.program_id(1)
     row = (pid // groups_per_row).to(tl.int64)
     group = pid % groups_per_row
     chan = pid_c * BC + tl.arange(0, BC)
-    chan_ok = (chan < C)[None, :]
-    x_row, halo_row = x + row * sx_r, halo + row * sh_r
+    chan_ok = chan < C
+    x_row, halo_row, w_col = x + row * sx_r, halo + row * sh_r, weight + chan * W
     doc_row, halo_doc_row, dy_row = doc + row * N, halo_doc + row * (W - 1), dy + row * N * C
+    stride: tl.constexpr = BT - (W - 1)
+    rows = tl.arange(0, BT)
     dw = tl.zeros((WP, BC), dtype=tl.float32)
     first = group * blocks_per_program
     for tile in range(first, tl.minimum(first + blocks_per_program, tiles_per_row)):
-        pos = tile * BT + tl.arange(0, BT)
-        dx_tile, dw = _grad_tile(x_row, halo_row, doc_row, halo_doc_row, weight, dy_row, dw, pos, chan, N, C, sx_t,
-                                 sh_t, W, WP, BT, BC, HAS_HALO, ACTIVATION, True)
+        dx_tile, dw = _grad_tile(x_row, halo_row, doc_row, halo_doc_row, w_col, dy_row, dw, tile * stride, stride,
+                                 chan, chan_ok, N, C, sx_t, sh_t, W, WP, BT, BC, HAS_HALO, ACTIVATION)
+        pos = tile * stride + rows
         out = dx + (row * N + pos.to(tl.int64))[:, None] * C + chan[None, :]
-        tl.store(out, dx_tile.to(dx.dtype.element_ty), mask=(pos < N)[:, None] & chan_ok)
-    if HALO_GRAD:
-        if group == 0:  # the halo slots are positions -(W-1) .. -1, the first W - 1 of this tile
-            pos = tl.arange(0, BT) - (W - 1)
-            dh, dw = _grad_tile(x_row, halo_row, doc_row, halo_doc_row, weight, dy_row, dw, pos, chan, N, C, sx_t,
-                                sh_t, W, WP, BT, BC, HAS_HALO, ACTIVATION, False)
-            out = dhalo + (row * (W - 1) + pos + W - 1)[:, None] * C + chan[None, :]
-            tl.store(out, dh.to(dhalo.dtype.element_ty), mask=(pos < 0)[:, None] & chan_ok)
+        tl.store(out, dx_tile.to(dx.dtype.element_ty), mask=((rows < stride) & (pos < N))[:, None] & chan_ok[None, :])
+    if HAS_HALO:
+        if group == 0:  # tokens -(W-1) .. -1: the halo's gradient and its terms of dw
+            dh, dw = _grad_tile(x_row, halo_row, doc_row, halo_doc_row, w_col, dy_row, dw, 1 - W, W - 1, chan,
+                                chan_ok, N, C, sx_t, sh_t, W, WP, BT, BC, HAS_HALO, ACTIVATION)
+            if HALO_GRAD:
+                out = dhalo + (row * (W - 1) + rows)[:, None] * C + chan[None, :]
+                tl.store(out, dh.to(dhalo.dtype.element_ty), mask=(rows < W - 1)[:, None] & chan_ok[None, :])
     taps = tl.arange(0, WP)
     out = dw_partials + (pid.to(tl.int64) * W + taps[:, None]) * C + chan[None, :]
-    tl.store(out, dw, mask=(taps < W)[:, None] & chan_ok)
+    tl.store(out, dw, mask=(taps < W)[:, None] & chan_ok[None, :])
 
 
 # ------------------------------------------------------------------------------------------------ autograd
@@ -216,8 +218,8 @@ class CausalShortConvFunction(torch.autograd.Function):
         kernel_size = weight.shape[1]
         halo_grad = halo is not None and ctx.needs_input_grad[3]
         dy = dy.contiguous()
-        tiles = _tiles("backward", length, channels, x.device)
-        tiles_per_row = triton.cdiv(length, tiles.tokens)
+        tiles = _tiles("backward", length + kernel_size - 1, channels, x.device)
+        tiles_per_row = triton.cdiv(length, tiles.tokens - (kernel_size - 1))
         groups_per_row = triton.cdiv(tiles_per_row, tiles.blocks_per_program)
         dx = new_output(x.shape, x.dtype, x.device)
         dhalo = new_output(halo.shape, halo.dtype, halo.device) if halo_grad else None

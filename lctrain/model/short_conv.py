@@ -3,14 +3,17 @@ token belongs to another document are dropped (Gated DeltaNet's and Mamba2's ker
 
 Under context parallelism the first K - 1 tokens of a rank need the previous rank's last K - 1 inputs: a halo,
 exchanged with gradients, and masked like any other token of another document.
+
+The op is lctrain.kernels.short_conv.causal_short_conv: fused Triton kernels where ``use_triton(x)``, the torch
+shifted sum on plain CPU tensors.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 
+from lctrain.kernels.short_conv import causal_short_conv
 from lctrain.model.layout import TokenLayout
 from lctrain.model.tp import sharded_parameter
 
@@ -25,19 +28,10 @@ class ShortConv(torch.nn.Module):
         self.weight = sharded_parameter(torch.empty(channels, kernel_size).uniform_(-bound, bound), dim=0)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        rows, n, width = layout.rows, layout.row_len, self.kernel_size - 1
+        rows, n = layout.rows, layout.row_len
         xr = x.view(rows, n, -1)
-        doc = layout.doc_ids.view(rows, n)
+        halo = halo_doc = None
         if layout.context is not None:
-            halo, halo_doc = layout.context.previous_tail(xr, width)
-        else:
-            halo = xr.new_zeros(rows, width, xr.shape[-1])
-            halo_doc = doc.new_full((rows, width), -1)
-        x_ext, doc_ext = torch.cat([halo, xr], 1), torch.cat([halo_doc, doc], 1)
-        y = xr * self.weight[:, width].to(x.dtype)
-        for j in range(width):
-            same_doc = (doc_ext[:, j:j + n] == doc).unsqueeze(-1)
-            y = y + torch.where(same_doc, x_ext[:, j:j + n], 0) * self.weight[:, j].to(x.dtype)
-        if self.activation:
-            y = F.silu(y)
-        return y.view_as(x)
+            halo, halo_doc = layout.context.previous_tail(xr, self.kernel_size - 1)
+        y = causal_short_conv(xr, self.weight, layout.doc_ids.view(rows, n), halo, halo_doc, self.activation)
+        return y.view(x.shape)
