@@ -73,3 +73,63 @@ SPEC = OpSpec(
     impls=lambda: [_lctrain(), _torch(), _fla()],
     baseline="torch",
 )
+
+
+VARIANTS = [  # overrides of lctrain.kernels.norm.fused.TUNING, for a GPU session's sweep
+    {"block_elements": 2048}, {"block_elements": 8192}, {"max_programs": 1024}, {"max_programs": 8192}]
+QK_HEADS = 12  # GDN-H1's query/key heads (x 128)
+
+
+def profile(T: int = 65536) -> None:
+    """For a GPU session, each line printed as soon as measured: the gated norm's fwd and fwd+bwd at T for the
+    default TUNING and each VARIANT; then the L2 norm of q ([T, 12, 128] bf16; k is the same again) for lctrain,
+    the torch path and fla's l2norm. Run from benchmarks/:  python -m kernel_ops.norms [T]"""
+    from harness import time_ms
+
+    import lctrain.kernels.norm.fused as fused
+    from lctrain.kernels.norm import l2_norm, l2_norm_reference
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a dry run of the script
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
+
+    def timings(forward, sets):
+        leaves = [[t for t in s.values() if t.requires_grad] for s in sets]
+        grads = [torch.randn_like(forward(s)) for s in sets]
+
+        def fwd_bwd(i):
+            torch.autograd.grad(forward(sets[i]), leaves[i], grads[i])
+
+        return time_ms(lambda i: forward(sets[i]), rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
+
+    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+    lctrain = _lctrain().forward
+    defaults = dict(fused.TUNING)
+    for overrides in [{}] + VARIANTS:
+        fused.TUNING.update(overrides)
+        f, fb = timings(lctrain, sets)
+        print(f"  gated norm T={T} TUNING {dict(fused.TUNING)}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        fused.TUNING.update(defaults)
+    del sets
+
+    try:
+        from fla.modules.l2norm import l2norm as fla_l2norm
+    except Exception as error:  # noqa: BLE001 - the peer is optional here
+        fla_l2norm = None
+        print(f"  fla l2norm unavailable: {type(error).__name__}: {error}", flush=True)
+    H, D = QK_HEADS, _dims(device)[1]
+    qk_sets = [{"x": torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True)} for _ in range(3)]
+    impls = {"lctrain": lambda x: l2_norm(x["x"], EPS), "torch": lambda x: l2_norm_reference(x["x"], EPS)}
+    if fla_l2norm is not None and device.type == "cuda":
+        impls["fla"] = lambda x: fla_l2norm(x["x"], EPS)
+    for name, forward in impls.items():
+        f, fb = timings(forward, qk_sets)
+        print(f"  l2 norm of q (or k) [T={T}, {H}, {D}] {name}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms "
+              f"(the layer runs it twice)", flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    profile(*(int(a) for a in sys.argv[1:2]))
