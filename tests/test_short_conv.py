@@ -29,8 +29,9 @@ HALO_DOC_IDS = {4: torch.tensor([[0, 0, 0], [4, 5, 5]]), 3: torch.tensor([[0, 0]
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
+    tiles = short_conv_module.Tiles
     monkeypatch.setattr(short_conv_module, "INTERPRETER_TUNING",
-                        {"forward": short_conv_module.Tiles(16, 16, 1), "backward": short_conv_module.Tiles(16, 16, 1, 2)})
+                        {"forward": tiles(16, 16, 1), "backward": tiles(16, 16, 1, 2)})
 
 
 def conv_inputs(kernel_size, halo, dtype=torch.float32, seed=0):
