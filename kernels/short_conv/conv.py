@@ -40,8 +40,8 @@ class Tiles:
     blocks_per_program: int = 1  # backward: consecutive token tiles one program walks (its weight-gradient partial)
 
 
-# CUDA tiles, not yet timed on a GPU; chosen from sm_90 register counts (offline compile with triton 3.9, W = 4, halo
-# and SiLU): forward 125 registers (2 programs of 8 warps per SM), backward 236 without spills (2 of 4 warps).
+# CUDA tiles, not yet timed on a GPU; chosen from sm_90 register counts (offline compile, W = 4, halo and SiLU, triton
+# 3.6 / 3.9): forward 123 / 125 registers (2 programs of 8 warps per SM), backward 255 / 236 without spills (2 of 4).
 TUNING = {"forward": Tiles(64, 64, 8), "backward": Tiles(32, 64, 4, 32)}
 # Under the interpreter each tile step costs milliseconds: few, large tiles (a tiny model's conv is one per row).
 INTERPRETER_TUNING = {"forward": Tiles(64, 64, 1), "backward": Tiles(64, 64, 1, 4)}
