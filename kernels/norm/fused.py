@@ -51,7 +51,7 @@ def _norm_fwd_kernel(x, gate, weight, y, n_rows, heads, x_outer, x_inner, g_oute
         if HAS_GATE:
             b_g = tl.load(gate + (m * g_outer + h * g_inner)[:, None] + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
-            b_y = b_y * b_g * tl.sigmoid(b_g)
+            b_y = b_y * b_g / (1.0 + tl.exp(-b_g))  # silu(g) = g sigmoid(g)
         tl.store(y + rows[:, None] * D + cols[None, :], b_y.to(y.dtype.element_ty), mask=mask)
 
 
@@ -63,7 +63,7 @@ def _norm_bwd_kernel(x, gate, weight, dy, dx, dgate, dweight_partial, n_rows, he
     col_mask = cols < D
     if HAS_WEIGHT:
         w = tl.load(weight + cols, mask=col_mask, other=0.0).to(tl.float32)
-        b_dw = tl.zeros([BD], dtype=tl.float32)
+        b_dw = tl.zeros([BT, BD], dtype=tl.float32)  # summed over rows once, after the loop
     first_block = tl.program_id(0).to(tl.int64) * blocks_per_program
     for i in range(blocks_per_program):
         rows = (first_block + i) * BT + tl.arange(0, BT)
@@ -78,7 +78,7 @@ def _norm_bwd_kernel(x, gate, weight, dy, dx, dgate, dweight_partial, n_rows, he
         if HAS_GATE:
             b_g = tl.load(gate + (m * g_outer + h * g_inner)[:, None] + cols[None, :],
                           mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(b_g)
+            sig = 1.0 / (1.0 + tl.exp(-b_g))
             normed = x_hat
             if HAS_WEIGHT:
                 normed = normed * w[None, :]
@@ -86,12 +86,12 @@ def _norm_bwd_kernel(x, gate, weight, dy, dx, dgate, dweight_partial, n_rows, he
             tl.store(dgate + rows[:, None] * D + cols[None, :], b_dg.to(dgate.dtype.element_ty), mask=mask)
             b_du = b_du * b_g * sig
         if HAS_WEIGHT:
-            b_dw += tl.sum(b_du * x_hat, axis=0)
+            b_dw += b_du * x_hat
             b_du = b_du * w[None, :]
         b_dx = r[:, None] * (b_du - x_hat * (tl.sum(b_du * x_hat, axis=1) * inv_n)[:, None])
         tl.store(dx + rows[:, None] * D + cols[None, :], b_dx.to(dx.dtype.element_ty), mask=mask)
     if HAS_WEIGHT:
-        tl.store(dweight_partial + tl.program_id(0) * D + cols, b_dw, mask=col_mask)
+        tl.store(dweight_partial + tl.program_id(0) * D + cols, tl.sum(b_dw, axis=0), mask=col_mask)
 
 
 def _as_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
