@@ -8,8 +8,6 @@ partial block and leave rows past the end in the last program, as long inputs do
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -117,12 +115,3 @@ def test_l2_norm_triton_path_equals_torch_path(monkeypatch):
 def test_bad_input(call, message):
     with pytest.raises(ValueError, match=message):
         call()
-
-
-def test_benchmark_tiny_run():
-    """The benchmark's CPU dry run (tiny shapes) goes through lctrain's kernel and the torch path it times."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("benchmark_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    assert bench.main(["--op", "norms", "--tiny", "--reps", "1"]) == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from . import Impl, OpSpec
+from . import Impl, OpSpec, fla_impl
 
 GPU_DIMS = (24, 128)  # H, D
 CPU_DIMS = (2, 32)
@@ -55,13 +55,8 @@ def _torch() -> Impl:
 
 
 def _fla() -> Impl:
-    if not torch.cuda.is_available():
-        return Impl("fla", lambda x: None, unavailable="fla's kernels need a CUDA GPU")
-    try:
-        from fla.modules.fused_norm_gate import rms_norm_gated
-    except Exception as error:  # noqa: BLE001 - any import failure makes the peer unavailable, with its reason
-        return Impl("fla", lambda x: None, unavailable=f"fla import failed: {type(error).__name__}: {error}")
-    return Impl("fla", lambda x: rms_norm_gated(x["x"], x["gate"], x["weight"], None, activation="swish", eps=EPS))
+    return fla_impl("fla.modules.fused_norm_gate", "rms_norm_gated",
+                    lambda f, x: f(x["x"], x["gate"], x["weight"], None, activation="swish", eps=EPS))
 
 
 SPEC = OpSpec(
