@@ -35,6 +35,20 @@ def _rotated_channels(model: ModelConfig) -> tuple[int, int]:
     return head_dim, int(head_dim * a.rope_fraction)
 
 
+def _decoder_config(architecture, model: ModelConfig) -> dict:
+    """The fields transformers' hybrid decoders (Qwen3-Next, Bamba) share: sizes, attention heads, partial RoPE,
+    SiLU MLP without bias, one decoder layer per mixer + MLP pair."""
+    a = model.attention
+    head_dim, rotated = _rotated_channels(model)
+    return dict(
+        architectures=[architecture.name], model_type=architecture.model_type, vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size, intermediate_size=ffn_hidden_size(model), num_hidden_layers=len(model.pattern) // 2,
+        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads or a.num_heads, head_dim=head_dim,
+        hidden_act="silu", rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": rotated / head_dim},
+        attention_bias=False)
+
+
 def qwen3_next_misfit(model: ModelConfig) -> str | None:
     """Why the model is not a Qwen3-Next model (None: it is)."""
     p = model.pattern
@@ -80,17 +94,10 @@ class Qwen3Next:
 
     @staticmethod
     def hf_config(model: ModelConfig, common: dict) -> dict:
-        g, a = model.gated_deltanet, model.attention
-        head_dim, rotated = _rotated_channels(model)
+        g = model.gated_deltanet
         mixers = model.pattern[0::2]
         return dict(
-            architectures=[Qwen3Next.name], model_type=Qwen3Next.model_type, vocab_size=model.vocab_size,
-            hidden_size=model.hidden_size, intermediate_size=ffn_hidden_size(model), num_hidden_layers=len(mixers),
-            num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads or a.num_heads, head_dim=head_dim,
-            hidden_act="silu", rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta,
-                             "partial_rotary_factor": rotated / head_dim},
-            attention_bias=False, linear_conv_kernel_dim=g.conv_size, linear_key_head_dim=g.head_k_dim,
+            _decoder_config(Qwen3Next, model), linear_conv_kernel_dim=g.conv_size, linear_key_head_dim=g.head_k_dim,
             linear_value_head_dim=g.head_v_dim, linear_num_key_heads=g.num_heads,
             linear_num_value_heads=g.num_value_heads or g.num_heads,
             layer_types=["linear_attention" if s == "G" else "full_attention" for s in mixers],
@@ -300,17 +307,12 @@ class Bamba:
 
     @staticmethod
     def hf_config(model: ModelConfig, common: dict) -> dict:
-        c, a = model.mamba2, model.attention
-        head_dim, rotated = _rotated_channels(model)
+        c = model.mamba2
         inner = c.expand * model.hidden_size
         mixers = model.pattern[0::2]
         return dict(
-            architectures=[Bamba.name], model_type=Bamba.model_type, vocab_size=model.vocab_size,
-            hidden_size=model.hidden_size, intermediate_size=ffn_hidden_size(model), num_hidden_layers=len(mixers),
-            num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads or a.num_heads, head_dim=head_dim,
-            hidden_act="silu", rms_norm_eps=model.norm_eps, tie_word_embeddings=model.tie_embeddings,
-            rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta, "partial_rotary_factor": rotated / head_dim},
-            attention_bias=False, mlp_bias=False, attn_layer_indices=[i for i, s in enumerate(mixers) if s == "*"],
+            _decoder_config(Bamba, model), mlp_bias=False,
+            attn_layer_indices=[i for i, s in enumerate(mixers) if s == "*"],
             mamba_n_heads=c.num_heads or inner // c.head_dim, mamba_d_head=c.head_dim, mamba_n_groups=c.num_groups,
             mamba_d_state=c.state_size, mamba_d_conv=c.conv_size, mamba_expand=c.expand,
             mamba_chunk_size=model.chunk_size, mamba_conv_bias=False, mamba_proj_bias=False,
