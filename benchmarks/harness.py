@@ -42,6 +42,29 @@ def time_ms(fn: Callable[[int], object], warmup: int = 3, reps: int = 20, rotate
     return statistics.median(samples)
 
 
+def flat_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out if o is not None for t in flat_outputs(o)]
+
+
+def step_functions(forward: Callable[[dict], object], sets: Sequence[dict]):
+    """(fwd(i), fwd_bwd(i)) for ``time_ms(..., rotate=len(sets))``: the forward on input set i, and the forward plus
+    the gradients of every input that requires one, from a fixed random cotangent per differentiable output."""
+    grads = [[torch.randn_like(o) for o in flat_outputs(forward(s)) if o.requires_grad] for s in sets]
+
+    def fwd(i):
+        return forward(sets[i])
+
+    def fwd_bwd(i):
+        outs = [o for o in flat_outputs(forward(sets[i])) if o.requires_grad]
+        leaves = [t for t in sets[i].values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        # allow_unused: a reference impl (e.g. attention beside a recurrence) may ignore some inputs
+        torch.autograd.grad(outs, leaves, grads[i][: len(outs)], allow_unused=True)
+
+    return fwd, fwd_bwd
+
+
 @dataclasses.dataclass
 class Ceilings:
     matmul_tflops: float  # bf16 dense matmul, measured

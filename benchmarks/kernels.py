@@ -16,16 +16,10 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from harness import Ceilings, Measurement, measure_ceilings, print_table, time_ms  # noqa: E402
+from harness import Ceilings, Measurement, measure_ceilings, print_table, step_functions, time_ms  # noqa: E402
 from kernel_ops import OpSpec  # noqa: E402
 
 OPS = ["gdn", "gsa", "fftconv", "short_conv", "norms"]
-
-
-def flat_outputs(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out if o is not None for t in flat_outputs(o)]
 
 
 def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: torch.dtype, reps: int) -> list[Measurement]:
@@ -39,17 +33,7 @@ def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: tor
                     rows.append(Measurement(spec.name, impl.name, mode, T, float("nan"), 0, 0, impl.unavailable))
                 continue
             fwd_flops, fwd_bytes, bwd_flops, bwd_bytes = impl.cost(T) if impl.cost else op_cost
-            grads = [[torch.randn_like(o) for o in flat_outputs(impl.forward(s)) if o.requires_grad] for s in sets]
-
-            def fwd(i):
-                return impl.forward(sets[i])
-
-            def fwd_bwd(i):
-                outs = [o for o in flat_outputs(impl.forward(sets[i])) if o.requires_grad]
-                params = [t for t in sets[i].values() if isinstance(t, torch.Tensor) and t.requires_grad]
-                # allow_unused: a reference impl (e.g. attention beside a recurrence) may ignore some inputs
-                torch.autograd.grad(outs, params, grads[i][: len(outs)], allow_unused=True)
-
+            fwd, fwd_bwd = step_functions(impl.forward, sets)
             for mode, fn, flops, nbytes in (("fwd", fwd, fwd_flops, fwd_bytes),
                                             ("fwd+bwd", fwd_bwd, fwd_flops + bwd_flops, fwd_bytes + bwd_bytes)):
                 try:

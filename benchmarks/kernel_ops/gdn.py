@@ -118,7 +118,7 @@ def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: i
     Run from benchmarks/:  python -m kernel_ops.gdn [lengths...]"""
     import os
 
-    from harness import time_ms
+    from harness import step_functions, time_ms
 
     import lctrain.kernels.gated_delta.chunk as chunk
 
@@ -128,15 +128,7 @@ def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: i
           f"{__import__('triton').__version__}", flush=True)
 
     def timings(impl, T):
-        sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
-        grads = [torch.randn_like(x["v"]) for x in sets]
-
-        def fwd(i):
-            return impl.forward(sets[i])
-
-        def fwd_bwd(i):
-            torch.autograd.grad(impl.forward(sets[i]), [sets[i][n] for n in names], grads[i])
-
+        fwd, fwd_bwd = step_functions(impl.forward, [make_inputs(T, seed, device, dtype) for seed in range(3)])
         return time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3), fwd_bwd
 
     lct = _lctrain()

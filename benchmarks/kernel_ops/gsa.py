@@ -74,22 +74,13 @@ SPEC = OpSpec(
 def profile(lengths=(8192, 32768, 65536, 131072)) -> None:
     """lctrain alone (no peer to compile or autotune): fwd and fwd+bwd at each length, then a per-kernel CUDA time
     table of one fwd+bwd at the last length.  Run from benchmarks/:  python -m kernel_ops.gsa [T ...]"""
-    from harness import time_ms
+    from harness import step_functions, time_ms
 
     device, dtype = torch.device("cuda"), torch.bfloat16
-    names = ["q", "k", "v", "s", "g"]
     lct = _lctrain()
     print(f"lctrain chunk_gsa on {torch.cuda.get_device_name()}: T, fwd ms, fwd+bwd ms", flush=True)
     for T in lengths:
-        sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
-        grads = [torch.randn_like(x["v"]) for x in sets]
-
-        def fwd(i):
-            return lct.forward(sets[i])
-
-        def fwd_bwd(i):
-            torch.autograd.grad(lct.forward(sets[i]), [sets[i][n] for n in names], grads[i])
-
+        fwd, fwd_bwd = step_functions(lct.forward, [make_inputs(T, seed, device, dtype) for seed in range(3)])
         print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd_bwd(0)

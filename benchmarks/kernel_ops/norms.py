@@ -79,7 +79,7 @@ def profile(T: int = 65536) -> None:
     """For a GPU session, each line printed as soon as measured: the gated norm's fwd and fwd+bwd at T for the
     default TUNING and each VARIANT; then the L2 norm of q ([T, 12, 128] bf16; k is the same again) for lctrain,
     the torch path and fla's l2norm. Run from benchmarks/:  python -m kernel_ops.norms [T]"""
-    from harness import time_ms
+    from harness import step_functions, time_ms
 
     import lctrain.kernels.norm.fused as fused
     from lctrain.kernels.norm import l2_norm, l2_norm_reference
@@ -90,13 +90,8 @@ def profile(T: int = 65536) -> None:
     print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
 
     def timings(forward, sets):
-        leaves = [[t for t in s.values() if t.requires_grad] for s in sets]
-        grads = [torch.randn_like(forward(s)) for s in sets]
-
-        def fwd_bwd(i):
-            torch.autograd.grad(forward(sets[i]), leaves[i], grads[i])
-
-        return time_ms(lambda i: forward(sets[i]), rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
+        fwd, fwd_bwd = step_functions(forward, sets)
+        return time_ms(fwd, rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
 
     sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
     lctrain = _lctrain().forward
