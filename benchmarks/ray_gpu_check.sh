@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Ray on the 2x H200 machine: the demo config as a Ray Train job on both GPUs (local head, token auth), plain and with
-# a worker killed mid-run; self-checking, at most 5 minutes, the cluster stopped at the end (benchmarks/ray_gpu_check.py).
+# a worker killed mid-run; self-checking, at most RAY_CHECK_S seconds (default 290), the cluster stopped at the end (benchmarks/ray_gpu_check.py).
 #   run from the repository root, with .whl/ carried:  bash benchmarks/ray_gpu_check.sh [--no-fault]   (logs under $OUT)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +24,5 @@ PY
 python3 -m ray.scripts.scripts --version >/dev/null 2>&1 || echo "the ray command line (ray.scripts.scripts) does not run here"
 # The Python side stops its cluster in a finally block; this trap is the backstop if it is killed.
 trap 'python3 -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true' EXIT
-left=$(( 290 - ($(date +%s) - start) ))
+left=$(( ${RAY_CHECK_S:-290} - ($(date +%s) - start) ))
 timeout -k 10 "$left" python3 benchmarks/ray_gpu_check.py --out "${OUT:-/tmp/ray_gpu_check}" --budget $(( left - 15 )) "$@"

@@ -73,7 +73,8 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
     from lctrain.train.loop import build_optimizer, deepspeed_config
 
     overrides = TINY + [f"model.pattern={args.tiny_pattern or load_config(ROOT / 'configs' / f'{name}.yaml').model.pattern[:6]}"] if args.tiny else []
-    config = load_config(ROOT / "configs" / f"{name}.yaml", overrides + [f"data.seq_len={max(lengths)}"], validate=False)
+    config = load_config(ROOT / "configs" / f"{name}.yaml", overrides + args.set + [f"data.seq_len={max(lengths)}"],
+                         validate=False)
     bf16 = device.type == "cuda"
     torch.manual_seed(0)
     model = HybridModel(config.model, transformer_config(config.model))
@@ -111,10 +112,13 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
         row.tokens_per_s = T / row.step_ms * 1e3
         row.tflops = row.tokens_per_s * training_flops_per_token(config.model, T) / 1e12
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        if args.profile and device.type == "cuda":
+            profile_step(engine, ids, layout, labels, config.train.loss_chunk_tokens)
         parts = component_times(engine.module, config, T, device)
-        rest = median["forward"] + median["backward"] - sum(parts.values())
-        shares = {**parts, "other fwd/bwd": rest, "optimizer": median["optimizer"]}
-        row.breakdown = ", ".join(f"{k} {v / row.step_ms:.0%}" for k, v in shares.items())
+        rest = median["forward"] + median["backward"] - sum(ms for ms, _ in parts.values())
+        shares = {**parts, "other fwd/bwd": (rest, 1), "optimizer": (median["optimizer"], 1)}
+        row.breakdown = ", ".join(f"{k} {ms / row.step_ms:.0%}" + (f" ({ms / n:.1f} ms x {n})" if n > 1 else "")
+                                  for k, (ms, n) in shares.items())
         row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
         rows.append(row)
         print("measured:", row, flush=True)
@@ -124,9 +128,35 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
     return rows
 
 
-def component_times(module, config, T: int, device) -> dict[str, float]:
-    """Forward + backward milliseconds of each sublayer kind (summed over its occurrences) and of the loss,
-    each run alone on random activations, with the step's activation checkpointing (recompute in backward)."""
+def profile_step(engine, ids, layout, labels, loss_chunk_tokens: int) -> None:
+    """One more training step under torch.profiler: the 12 kernels with the most CUDA time in each phase."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    phases = {}
+    for phase in ("forward", "backward", "optimizer"):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with record_function(phase):
+                if phase == "forward":
+                    out = engine(ids, layout, labels, loss_chunk_tokens)
+                elif phase == "backward":
+                    engine.backward(out[0] / out[1])
+                else:
+                    engine.step()
+            torch.cuda.synchronize()
+        phases[phase] = prof
+    for phase, prof in phases.items():
+        events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                        key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.device_time_total for e in events) / 1e3
+        print(f"profile {phase}: {total:.1f} ms of kernels", flush=True)
+        for e in events[:12]:
+            print(f"  {e.device_time_total / 1e3:8.2f} ms {e.count:6d} x  {e.key[:110]}", flush=True)
+
+
+def component_times(module, config, T: int, device) -> dict[str, tuple[float, int]]:
+    """Forward + backward milliseconds of each sublayer kind (summed over its occurrences, with the count) and of
+    the loss, each run alone on random activations, with the step's activation checkpointing (recompute in
+    backward)."""
     from torch.utils.checkpoint import checkpoint
 
     from lctrain.model.layout import layout_from_cu_seqlens
@@ -138,7 +168,7 @@ def component_times(module, config, T: int, device) -> dict[str, float]:
     x = torch.randn(1, T, config.model.hidden_size, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
     recompute = config.train.activation_checkpointing == "block"
-    times: dict[str, float] = {}
+    times: dict[str, tuple[float, int]] = {}
     seen: dict[str, int] = {}
     for layer in module.layers:
         seen[layer.symbol] = seen.get(layer.symbol, 0) + 1
@@ -151,7 +181,7 @@ def component_times(module, config, T: int, device) -> dict[str, float]:
             torch.autograd.grad(out, [x] + params, grad)  # captured, not accumulated into .grad
 
         run()
-        times[f"{LAYERS[symbol].name}"] = statistics.median(timed(run, device) for _ in range(3)) * count
+        times[LAYERS[symbol].name] = (statistics.median(timed(run, device) for _ in range(3)) * count, count)
     labels = torch.randint(0, config.model.vocab_size, (T,), device=device)
     weight = module.output_weight
 
@@ -161,7 +191,7 @@ def component_times(module, config, T: int, device) -> dict[str, float]:
         torch.autograd.grad(value, [x, weight])
 
     loss()
-    times["loss"] = statistics.median(timed(loss, device) for _ in range(3))
+    times["loss"] = (statistics.median(timed(loss, device) for _ in range(3)), 1)
     return times
 
 
@@ -260,6 +290,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-T-limit", type=int, default=1 << 21)
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with tiny shapes")
     parser.add_argument("--tiny-pattern", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for lctrain's rows, as launch/train.py's --set")
+    parser.add_argument("--profile", action="store_true", help="print each phase's top CUDA kernels of one step")
     parser.add_argument("--out", help="append the table to this file")
     args = parser.parse_args(argv)
 
