@@ -31,6 +31,7 @@ from lctrain.train.checkpoint import CheckpointManager, find_checkpoint, rng_sta
 from lctrain.train.faults import maybe_fail
 from lctrain.train.metrics import MetricsLogger, peak_memory_gib
 from lctrain.train.schedule import warmup_cosine
+from lctrain.train.zero_step import fuse_gradient_checks
 
 
 @dataclasses.dataclass
@@ -151,6 +152,7 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, bf16), mpu=DeepSpeedMPU(),
                                            dist_init_required=False)
+    fuse_gradient_checks(engine.optimizer)  # one multi-tensor pass each for the overflow check and norm
 
     d = config.data
     loader = PackedLoader(train_data, d.seq_len, d.micro_batch_size, par.data_parallel_rank, par.data_parallel_size, d.seed)
