@@ -71,6 +71,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
     from lctrain.model.layout import layout_from_cu_seqlens
     from lctrain.train.flops import training_flops_per_token
     from lctrain.train.loop import build_optimizer, deepspeed_config
+    from lctrain.train.zero_step import fuse_gradient_checks
 
     overrides = TINY + [f"model.pattern={args.tiny_pattern or load_config(ROOT / 'configs' / f'{name}.yaml').model.pattern[:6]}"] if args.tiny else []
     config = load_config(ROOT / "configs" / f"{name}.yaml", overrides + args.set + [f"data.seq_len={max(lengths)}"],
@@ -82,6 +83,8 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
     model.to(device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config, device),
                                       config=deepspeed_config(config, bf16), dist_init_required=False)
+    if not args.deepspeed_step:
+        fuse_gradient_checks(engine.optimizer)  # as lctrain.train.loop does
     rows = []
     print(f"{name}: model built and DeepSpeed engine ready", flush=True)
     for T in lengths:
@@ -293,6 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for lctrain's rows, as launch/train.py's --set")
     parser.add_argument("--profile", action="store_true", help="print each phase's top CUDA kernels of one step")
+    parser.add_argument("--deepspeed-step", action="store_true",
+                        help="DeepSpeed's own per-tensor overflow check and float64 norm (without lctrain.train.zero_step)")
     parser.add_argument("--out", help="append the table to this file")
     args = parser.parse_args(argv)
 
