@@ -3,7 +3,9 @@
 Full logits for a 65k-token sequence and a 32k vocabulary would take 8 GiB in float32; here at most
 ``chunk_tokens x vocab/tp`` logits exist at once. The gradients with respect to the hidden states and the output
 weight are formed in the same pass (the softmax is at hand then), kept, and scaled by the incoming gradient in
-backward: no second pass over the logits.
+backward: no second pass over the logits. The three products per chunk (logits, and the gradients of the hidden
+states and of the weight) run on the weight's dtype (bf16 tensor cores), the logits and the weight gradient
+accumulated and kept in float32; the softmax works in place on the chunk's float32 logits.
 
 With the vocabulary split over tensor-parallel ranks, the softmax normaliser, its max and the target logit are
 reduced across the group (Megatron's vocab-parallel cross-entropy), and the hidden-state gradient is summed.
@@ -22,6 +24,19 @@ def _all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+# torch.mm(a, b, out_dtype=float32): bf16/fp16 operands on tensor cores, the float32 accumulator written out unrounded.
+_MM_TO_FLOAT32 = "dtype" in torch.ops.aten.mm.overloads()
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """a @ b in the accumulation dtype ``acc`` (float32 for half operands; float64 stays float64)."""
+    if a.dtype == acc:
+        return a @ b
+    if a.is_cuda and _MM_TO_FLOAT32:
+        return torch.mm(a, b, out_dtype=acc)
+    return a.to(acc) @ b.to(acc)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, vocab_start: int, vocab_size: int, chunk_tokens: int, group):
@@ -37,26 +52,27 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
         for s in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[s:s + chunk_tokens], labels[s:s + chunk_tokens]
-            logits = (h @ weight.t()).to(acc)  # [c, V_local]
+            logits = _matmul(h, weight.t(), acc)  # [c, V_local]
             logits[:, real_local:] = float("-inf")
             top = _all_reduce(logits.max(dim=-1).values, group, dist.ReduceOp.MAX)
             logits -= top[:, None]
-            exp = logits.exp()
-            sum_exp = _all_reduce(exp.sum(-1), group)
             local_y = y - vocab_start
             mine = (local_y >= 0) & (local_y < vocab_local)
             rows = torch.arange(h.shape[0], device=h.device)
             target = torch.where(mine, logits[rows, local_y.clamp(0, vocab_local - 1)], 0.0)
             target = _all_reduce(target, group)
+            exp = logits.exp_()  # in place: the chunk's one float32 [c, V_local] buffer
+            sum_exp = _all_reduce(exp.sum(-1), group)
             valid = y != IGNORE
             loss += torch.where(valid, sum_exp.log() - target, 0.0).sum()
             if want_grad:
-                # d loss / d logits = softmax - onehot(target), zero for unlabelled tokens.
-                probs = exp / sum_exp[:, None]
-                probs[rows[mine], local_y[mine]] -= 1.0
-                probs *= valid[:, None]
-                grad_hidden[s:s + chunk_tokens] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-                grad_weight += probs.t() @ h.to(acc)
+                # d loss / d logits = softmax - onehot(target), zero for unlabelled tokens; rounded to the weight's
+                # dtype for the two products (tensor cores), as a bf16 output layer's own backward would.
+                grad_logits = exp.mul_((valid / sum_exp)[:, None])
+                grad_logits[rows[mine & valid], local_y[mine & valid]] -= 1.0
+                grad_logits = grad_logits.to(weight.dtype)
+                grad_hidden[s:s + chunk_tokens] = (grad_logits @ weight).to(hidden.dtype)
+                grad_weight += _matmul(grad_logits.t(), h, acc)
         if want_grad:
             _all_reduce(grad_hidden, group)
             ctx.save_for_backward(grad_hidden, grad_weight)
