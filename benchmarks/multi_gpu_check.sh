@@ -1,40 +1,46 @@
 #!/usr/bin/env bash
-# Issues 6 and 7 in one call on a 4x H200 machine (device tool, nvidia-h200-x4), from the repository root:
-#   source .whl/install.sh && bash benchmarks/multi_gpu_check.sh
-# Stage 1, side by side (nothing timed): GPUs 2,3 run the Ray job check (benchmarks/ray_gpu_check.sh --no-fault: the
-# demo config as a Ray Train job on 2 GPUs); GPUs 0,1 the context-parallel equalities at 2 GPUs (every mixer and a
-# model, fp32 and bf16) and the training equality of context_parallel_size 2 against 1.
-# Stage 2, all four GPUs, nothing else running: benchmarks/cp_scaling.py weak scaling at 65k tokens per GPU (model
-# and kernel with the peer); the equalities at 4 GPUs; the longest phase at 1M tokens (262144 per GPU).
-# Each stage is bounded; the whole ~580 s. Logs and tables go to $OUT (8 files at most).
+# Issues 6 and 7 on a 4x H200 machine (device tool, nvidia-h200-x4), from the repository root, one stage per call
+# (each fits the 600 s limit; logs and tables go to $OUT, at most 8 files):
+#   source .whl/install.sh && bash benchmarks/multi_gpu_check.sh STAGE
+#   equalities  context-parallel equalities (every mixer and a model, fp32 and bf16) at 2 GPUs (0,1) beside the Ray
+#               job check on GPUs 2,3 (benchmarks/ray_gpu_check.sh --no-fault), then at 4 GPUs; the training
+#               equality of context_parallel_size 2 against 1
+#   scaling     benchmarks/cp_scaling.py: weak scaling of the ~1.3B GDN-H1 at 65k tokens per GPU, then the gated
+#               delta rule alone against the peer's CP
+#   longest     the longest sequence from 1M tokens (262144 per GPU), doubling
+# Seen on 4x H200 (NOTES.md): the 1.3B model's build and compile on 4 ranks takes over 100 s per launch; 1M tokens
+# trained one step in 61 s.
 set -u
 OUT=${OUT:-/tmp/multi_gpu_check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
 at() { echo "$1: exit $2 at $(( $(date +%s) - start )) s"; }
+cp_tests() {  # $1 GPUs, $2 pytest -k expression, $3 seconds, $4 log name
+  CUDA_VISIBLE_DEVICES=$1 timeout -k 5 "$3" python3 -m pytest -q -rA -m multigpu \
+    tests/gpu/test_context_parallel_gpu.py -k "$2" > "$OUT/$4.log" 2>&1
+  at "$4" $?
+  grep -E "PASSED|FAILED|ERROR|passed|failed|rror" "$OUT/$4.log" | cut -c1-300 | tail -12
+}
 nvidia-smi --query-gpu=name --format=csv,noheader | sort | uniq -c
-
-CUDA_VISIBLE_DEVICES=2,3 RAY_CHECK_S=195 OUT=/tmp/ray_logs timeout -k 5 200 bash benchmarks/ray_gpu_check.sh --no-fault \
-  > "$OUT/ray.log" 2>&1 &
-ray_pid=$!
-CUDA_VISIBLE_DEVICES=0,1 timeout -k 5 200 python3 -m pytest -q -rA -m multigpu tests/gpu/test_context_parallel_gpu.py \
-  -k "equal_one_gpu or training" > "$OUT/cp_tests_2gpu.log" 2>&1
-at "cp tests, 2 GPUs" $?
-wait $ray_pid
-at "ray check, GPUs 2,3" $?
-
-timeout -k 5 210 python3 benchmarks/cp_scaling.py --gpus 4 --phases model,kernel --iters 3 --timeout 100 \
-  --out "$OUT/cp_scaling" > "$OUT/cp_scaling.log" 2>&1
-at "cp_scaling model,kernel" $?
-timeout -k 5 90 python3 -m pytest -q -rA -m multigpu tests/gpu/test_context_parallel_gpu.py -k "equal_one_gpu and 4" \
-  > "$OUT/cp_tests_4gpu.log" 2>&1
-at "cp tests, 4 GPUs" $?
-rest=$(( 578 - ($(date +%s) - start) ))
-timeout -k 5 "$rest" python3 benchmarks/cp_scaling.py --gpus 4 --phases longest --tokens-per-gpu 262144 \
-  --max-tokens-per-gpu 262144 --timeout $(( rest - 10 )) --out "$OUT/cp_longest" >> "$OUT/cp_scaling.log" 2>&1
-at "cp_scaling longest (1M tokens)" $?
-
-echo "== ray"; tail -14 "$OUT/ray.log" | cut -c1-300
-for f in cp_tests_2gpu cp_tests_4gpu; do echo "== $f"; grep -E "PASSED|FAILED|ERROR|passed|failed|rror" "$OUT/$f.log" | cut -c1-300 | tail -10; done
-echo "== cp_scaling"; cat "$OUT/cp_scaling/table.txt" "$OUT/cp_longest/table.txt" 2>/dev/null; tail -8 "$OUT/cp_scaling.log" | cut -c1-300
+case "${1:-}" in
+  equalities)
+    CUDA_VISIBLE_DEVICES=2,3 RAY_CHECK_S=240 OUT=/tmp/ray_logs timeout -k 5 245 bash benchmarks/ray_gpu_check.sh \
+      --no-fault > "$OUT/ray.log" 2>&1 &
+    ray_pid=$!
+    cp_tests 0,1 "equal_one_gpu" 250 cp_equal_2gpu
+    wait $ray_pid; at "ray check, GPUs 2,3" $?; tail -8 "$OUT/ray.log" | cut -c1-300
+    cp_tests 0,1,2,3 "equal_one_gpu and 4" 150 cp_equal_4gpu
+    cp_tests 0,1 "training" 170 cp_training ;;
+  scaling)
+    timeout -k 5 585 python3 benchmarks/cp_scaling.py --phases model,kernel --iters 3 --timeout 285 \
+      --out "$OUT/cp_scaling" > "$OUT/cp_scaling.log" 2>&1
+    at "cp_scaling model,kernel" $?
+    cat "$OUT/cp_scaling/table.txt" 2>/dev/null || tail -20 "$OUT/cp_scaling.log" | cut -c1-300 ;;
+  longest)
+    timeout -k 5 585 python3 benchmarks/cp_scaling.py --phases longest --tokens-per-gpu 262144 \
+      --max-tokens-per-gpu 1048576 --timeout 280 --out "$OUT/cp_longest" > "$OUT/cp_longest.log" 2>&1
+    at "cp_scaling longest" $?
+    cat "$OUT/cp_longest/table.txt" 2>/dev/null || tail -20 "$OUT/cp_longest.log" | cut -c1-300 ;;
+  *) echo "usage: bash benchmarks/multi_gpu_check.sh equalities|scaling|longest" >&2; exit 2 ;;
+esac
