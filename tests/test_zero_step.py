@@ -2,8 +2,8 @@
 lctrain.train.loop builds it (build_optimizer, deepspeed_config, DeepSpeedMPU; one process), on a model whose loss
 sum_i <w_i, c_i> has the exact gradient c_i in bf16 and fp32. After three steps the fp32 master weights equal a plain
 torch AdamW + clip_grad_norm_ reference on the same gradients, and the unpatched DeepSpeed path; a NaN gradient
-skips the step; the per-tensor loops are gone from the step's ops. tests/gpu/test_zero_step_gpu.py runs the same
-checks on CUDA."""
+skips the step; the per-tensor loops are gone from the step's ops. The first two checks also run on CUDA (marked
+gpu)."""
 from __future__ import annotations
 
 import collections
@@ -122,15 +122,21 @@ def per_tensor_ops(device, fused: bool) -> int:
     return sum(counts[name] for name in PER_TENSOR_OPS)
 
 
+# On CUDA the same checks run the multi-tensor norm kernels and the fused AdamW the training step uses.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bf16", [True, False])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_fused_step_matches_torch_adamw_with_clipping(parallel_1, bf16, stage):
-    check_matches_reference(torch.device("cpu"), bf16, stage)
+def test_fused_step_matches_torch_adamw_with_clipping(parallel_1, device, bf16, stage):
+    check_matches_reference(torch.device(device), bf16, stage)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("norm", [True, False], ids=["with_norm", "flag_only"])
-def test_nan_gradient_skips_the_step(parallel_1, norm):
-    check_nan_gradient_skips_the_step(torch.device("cpu"), 2, norm)
+def test_nan_gradient_skips_the_step(parallel_1, device, norm):
+    check_nan_gradient_skips_the_step(torch.device(device), 2, norm)
 
 
 def test_per_tensor_loops_are_gone(parallel_1):
