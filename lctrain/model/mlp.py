@@ -1,12 +1,16 @@
-"""SwiGLU feed-forward sublayer (pattern symbol ``-``): down(silu(gate(x)) * up(x))."""
+"""SwiGLU feed-forward sublayer (pattern symbol ``-``): down(silu(gate(x)) * up(x)).
+
+The activation runs ``lctrain.kernels.swiglu.swiglu`` on the fused projection's [gate; up] output: one fused Triton
+pass each way on GPU (no copies of the halves), the float32 torch formula otherwise.
+"""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from lctrain.kernels.swiglu import swiglu
 from lctrain.model.layout import TokenLayout
 
 
@@ -28,5 +32,4 @@ class SwiGLU(MegatronModule):
         return 2 * 3 * model.hidden_size * ffn_hidden_size(model)
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
-        gate, up = self.gate_up(x)[0].chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)[0]
+        return self.down(swiglu(self.gate_up(x)[0]))[0]
