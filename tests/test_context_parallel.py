@@ -7,6 +7,7 @@ rank starts fresh), and ranks whose slice is a single document's end.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -264,10 +265,19 @@ def _worker(rank: int, size: int, port: int, checks: list[tuple[list, Setting]])
     from megatron.core import parallel_state
 
     from lctrain.model.hybrid import Sublayer, transformer_config
+    from lctrain.model.registry import LAYERS
     from lctrain.model.short_conv import ShortConv
     from lctrain.parallel.groups import init_parallel, shutdown_parallel
 
+    for kind in LAYERS.values():  # every sublayer's kernels defined now, before a case changes TRITON_INTERPRET
+        kind.module_class()
+
     errors: list[str] = []
+    bounds = contextlib.ExitStack()
+    if os.environ.get("TRITON_INTERPRET") == "1":  # interpreted kernels' loads and stores checked, as in conftest
+        from triton_bounds import checked_bounds
+
+        bounds.enter_context(checked_bounds())
     try:
         for cases, setting in checks:
             tp = setting.tensor_parallel_size
@@ -287,6 +297,7 @@ def _worker(rank: int, size: int, port: int, checks: list[tuple[list, Setting]])
                     mixer = Sublayer(transformer_config(config.model, tp), config.model, case).mixer
                     _check_layer(setting, name, mixer, group, cp_rank, size // tp, errors)
     finally:
+        bounds.close()
         shutdown_parallel()
     assert not errors, f"rank {rank} of {size}: " + "; ".join(errors)
 

@@ -94,6 +94,19 @@ def test_chunk_varlen(segment_chunks):
     check(triton_segmented(segment_chunks), make_inputs(1, 140, 1, 2, 16, 32, N=5, seed=3), cu_seqlens=cu)
 
 
+def test_chunk_context_parallel_slice():
+    """A context-parallel rank's call (GatedDeltaRecurrence.entry_pass): its first document continues an earlier
+    rank's (initial state [0 | I], values [v | 0] of width V + K = 24), then a 1-token document, a partial last chunk
+    and a row of its own; grouped heads, segments of one chunk. The layout of 2 GPUs' rank 1 in the GPU equality
+    test, scaled down; conftest's bounds check covers every load and store."""
+    cu = torch.tensor([0, 100, 101, 160, 320], dtype=torch.int64)
+    x = make_inputs(1, 320, 2, 4, 16, 24, N=4, seed=11)
+    x["v"][..., 8:] = 0
+    x["initial_state"] = torch.cat([torch.zeros(4, 4, 16, 8), torch.eye(16).expand(4, 4, 16, 16)], -1)
+    x["initial_state"][1:] = 0
+    check(triton_segmented(1), x, cu_seqlens=cu)
+
+
 def test_torch_path():
     """The CPU path without Triton (what the demo trains with), varlen and batched."""
     check(chunk_gated_delta_rule_torch, make_inputs(2, 130, 1, 2, 32, 16, seed=4))
