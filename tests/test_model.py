@@ -130,3 +130,26 @@ def test_short_conv_resets_at_documents(parallel_1):
         seg = F.pad(x[0, s:e].t(), (3, 0))  # causal padding with zeros inside each document
         ref[0, s:e] = F.conv1d(seg[None], conv.weight[:, None, :], groups=6)[0].t()
     torch.testing.assert_close(y, ref)
+
+
+def test_flex_attention_on_unaligned_lengths_matches_blockwise():
+    """The flex path pads queries and keys to whole 128-token blocks (padding of a document no token has): its
+    outputs equal the blockwise path for a context-parallel rank's shapes (a key halo before the queries, lengths not
+    multiples of 128, documents crossing the halo edge, a sliding window). flex_attention compiles for the CPU here
+    (forward only: it has no CPU backward); on GPUs it is the attention backend."""
+    from lctrain.model.attention import blockwise_attention, flex_attention_documents, flex_block_mask
+
+    torch.manual_seed(0)
+    n, halo, heads, dim, window = 200, 63, 2, 16, 64
+    q = torch.randn(1, n, heads, dim)
+    k, v = torch.randn(1, halo + n, heads, dim), torch.randn(1, halo + n, heads, dim)
+    k_pos = torch.arange(1000, 1000 + halo + n)[None]
+    q_pos = k_pos[:, halo:]
+    k_doc = torch.zeros_like(k_pos)
+    k_doc[:, 30:] = 1  # a document starts inside the halo
+    k_doc[:, halo + 150:] = 2  # and one inside the rank's tokens
+    q_doc = k_doc[:, halo:]
+    flex = flex_attention_documents(q, k, v, flex_block_mask(q_doc, q_pos, k_doc, k_pos, window), 0.25)
+    blockwise = blockwise_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, window, 0.25)
+    assert flex.shape == blockwise.shape == q.shape
+    torch.testing.assert_close(flex, blockwise, rtol=1e-5, atol=1e-5)

@@ -74,8 +74,27 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
+FLEX_BLOCK = 128  # flex_attention's block: lengths are padded to a multiple of it
+
+
+def _padded(x: torch.Tensor, length: int, value) -> torch.Tensor:
+    """x [rows, n, ...] extended along dim 1 to ``length`` with ``value``."""
+    extra = length - x.shape[1]
+    return x if extra == 0 else torch.cat([x, x.new_full((x.shape[0], extra, *x.shape[2:]), value)], 1)
+
+
+def _flex_length(n: int) -> int:
+    return -(-n // FLEX_BLOCK) * FLEX_BLOCK
+
+
 def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None):
+    """The block-sparse mask over the padded lengths. Padding tokens are of document -2 (no real token's): padded
+    queries see only padded keys, so the mask's captured tensors are read only inside their padded extents."""
     from torch.nn.attention.flex_attention import create_block_mask
+
+    lq, lk = _flex_length(q_doc.shape[1]), _flex_length(k_doc.shape[1])
+    q_doc, k_doc = _padded(q_doc, lq, -2), _padded(k_doc, lk, -2)
+    q_pos, k_pos = _padded(q_pos, lq, 0), _padded(k_pos, lk, 0)
 
     def visible(b, h, qi, ki):
         same = (q_doc[b, qi] == k_doc[b, ki]) & (k_pos[b, ki] <= q_pos[b, qi])
@@ -83,14 +102,17 @@ def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None):
             same = same & (q_pos[b, qi] - k_pos[b, ki] < window)
         return same
 
-    rows, lq = q_doc.shape
-    return create_block_mask(visible, rows, None, lq, k_doc.shape[1], device=q_doc.device, _compile=True)
+    return create_block_mask(visible, q_doc.shape[0], None, lq, lk, device=q_doc.device, _compile=True)
 
 
 def flex_attention_documents(q, k, v, block_mask, scale: float):
+    """q [rows, n, Hq, D], k, v [rows, m, Hkv, D] -> [rows, n, Hq, D], through lengths padded to whole flex blocks
+    (its kernels have faulted on lengths that are not: the halo makes m = n + W - 1 under context parallelism)."""
+    n, m = q.shape[1], k.shape[1]
+    q, k, v = _padded(q, _flex_length(n), 0), _padded(k, _flex_length(m), 0), _padded(v, _flex_length(m), 0)
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                            scale=scale, enable_gqa=q.shape[2] != k.shape[2])
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[:, :n]
 
 
 class Attention(MegatronModule):
