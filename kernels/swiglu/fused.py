@@ -64,13 +64,20 @@ def block_shape(n_rows: int, F: int, device: torch.device) -> tuple[int, int, in
 
 
 @triton.jit
-def _swiglu_fwd_kernel(gate_up, h, n_rows, F, gu_row_stride, BT: tl.constexpr, BF: tl.constexpr):
+def _block_halves(gate_up, n_rows, F, gu_row_stride, BT: tl.constexpr, BF: tl.constexpr):
+    """This program's block: (rows, cols, mask, g, u), g and u float32 [BT, BF]."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BF + tl.arange(0, BF)
     mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
     gate = gate_up + rows[:, None] * gu_row_stride + cols[None, :]
     b_g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
     b_u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, b_g, b_u
+
+
+@triton.jit
+def _swiglu_fwd_kernel(gate_up, h, n_rows, F, gu_row_stride, BT: tl.constexpr, BF: tl.constexpr):
+    rows, cols, mask, b_g, b_u = _block_halves(gate_up, n_rows, F, gu_row_stride, BT, BF)
     b_h = b_g * tl.sigmoid(b_g) * b_u
     tl.store(h + rows[:, None] * F + cols[None, :], b_h.to(h.dtype.element_ty), mask=mask)
 
@@ -78,12 +85,7 @@ def _swiglu_fwd_kernel(gate_up, h, n_rows, F, gu_row_stride, BT: tl.constexpr, B
 @triton.jit
 def _swiglu_bwd_kernel(gate_up, dh, d_gate_up, n_rows, F, gu_row_stride, dh_row_stride,
                        BT: tl.constexpr, BF: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
-    cols = tl.program_id(1) * BF + tl.arange(0, BF)
-    mask = (rows < n_rows)[:, None] & (cols < F)[None, :]
-    gate = gate_up + rows[:, None] * gu_row_stride + cols[None, :]
-    b_g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
-    b_u = tl.load(gate + F, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, b_g, b_u = _block_halves(gate_up, n_rows, F, gu_row_stride, BT, BF)
     b_dh = tl.load(dh + rows[:, None] * dh_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(b_g)
     b_dg = b_dh * b_u * s * (1.0 + b_g * (1.0 - s))
