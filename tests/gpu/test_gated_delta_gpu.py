@@ -97,3 +97,15 @@ def test_many_segments(segment_chunks):
     docs = [500, 1, 2000, 1595]
     x = make_inputs(1, sum(docs), 1, 2, 128, 128, seed=2 + segment_chunks, docs=docs)
     print(compare_with_reference(op(segmented(segment_chunks)), REFERENCE, x, TOL))
+
+
+@pytest.mark.parametrize("segment_chunks", [None, 4])
+def test_context_parallel_entry_call(segment_chunks):
+    """The call a context-parallel rank makes (tests/gpu/test_context_parallel_gpu.py, float32 model, rank 1 of 2):
+    values [v | 0] (V + K = 8 + 16 columns), K = 16, grouped heads 2 -> 4, float32, packed documents of 1452, 1,
+    595 and 2048 tokens (the first carried in from rank 0), an initial state and a final-state cotangent. On two
+    H200s this call's backward was where an illegal memory access surfaced."""
+    docs = [1452, 1, 595, 2048]
+    x = make_inputs(1, sum(docs), 2, 4, 16, 24, seed=7, docs=docs, dtype=torch.float32)
+    fn = chunk_gated_delta_rule if segment_chunks is None else segmented(segment_chunks)
+    print(compare_with_reference(op(fn), REFERENCE, x, 2e-3))
