@@ -312,11 +312,13 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny dry run)"
     ceiling = measure_ceilings().matmul_tflops if device.type == "cuda" else float("nan")
     peak = peak_tflops(gpu) if device.type == "cuda" else None
+    # The peer first: its autotuning compiles for minutes on a fresh machine, and a call cut short should still
+    # leave its rows (lctrain's rows print as each is measured).
+    peer = [] if args.no_peer else peer_rows(lengths, args, device, ceiling)
     rows: list[Row] = []
     for name in args.config or CONFIGS:
         rows += lctrain_rows(name, lengths, args, device, ceiling)
-    if not args.no_peer:
-        rows += peer_rows(lengths, args, device, ceiling)
+    rows += peer
     text = print_table(rows, gpu, ceiling, peak)
     if args.max_T:
         for name in args.config or ["gdn_h1_1p3b"]:
