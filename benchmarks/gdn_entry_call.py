@@ -1,32 +1,46 @@
 """The context-parallel entry call of the gated delta rule (tests/gpu/test_gated_delta_gpu.py::
 test_context_parallel_entry_call) alone, forward and backward, for running under compute-sanitizer:
 
-    compute-sanitizer --tool memcheck python3 benchmarks/gdn_entry_call.py [segment_chunks]
+    compute-sanitizer --tool memcheck python3 benchmarks/gdn_entry_call.py [--dtype float32] [--K 16] [--V 24]
+        [--segment-chunks N] [--grads-config WARPS,STAGES]
 """
-import sys
+import argparse
 
 import torch
 
-from lctrain.kernels.gated_delta.chunk import chunk_gated_delta_rule_triton
+from lctrain.kernels.gated_delta import chunk as gdn
 
 
 def main() -> None:
-    segment_chunks = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--K", type=int, default=16)
+    parser.add_argument("--V", type=int, default=24)
+    parser.add_argument("--segment-chunks", type=int)
+    parser.add_argument("--grads-config", help="warps,stages of the two gradient kernels")
+    args = parser.parse_args()
+    if args.grads_config:
+        warps, stages = map(int, args.grads_config.split(","))
+        gdn.TUNING["grads"] = (gdn.TUNING["grads"][0], warps, stages)
     docs = [1452, 1, 595, 2048]
-    T, H, HV, K, V = sum(docs), 2, 4, 16, 24
+    T, H, HV, K, V = sum(docs), 2, 4, args.K, args.V
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     dev = "cuda"
-    q = torch.randn(1, T, H, K, device=dev, requires_grad=True)
-    k = torch.nn.functional.normalize(torch.randn(1, T, H, K, device=dev), dim=-1).requires_grad_()
-    v = torch.randn(1, T, HV, V, device=dev, requires_grad=True)
+
+    def leaf(x):
+        return x.to(dtype).requires_grad_()
+    q = leaf(torch.randn(1, T, H, K, device=dev))
+    k = leaf(torch.nn.functional.normalize(torch.randn(1, T, H, K, device=dev), dim=-1))
+    v = leaf(torch.randn(1, T, HV, V, device=dev))
     g = torch.nn.functional.logsigmoid(torch.randn(1, T, HV, device=dev) + 3).requires_grad_()
-    beta = torch.rand(1, T, HV, device=dev, requires_grad=True)
+    beta = leaf(torch.rand(1, T, HV, device=dev))
     h0 = torch.randn(len(docs), HV, K, V, device=dev, requires_grad=True)
     cu = torch.tensor([0, *torch.tensor(docs).cumsum(0).tolist()], device=dev)
-    o, ht = chunk_gated_delta_rule_triton(q, k, v, g, beta, K ** -0.5, h0, True, cu, segment_chunks)
-    (o.square().sum() + ht.square().sum()).backward()
+    o, ht = gdn.chunk_gated_delta_rule_triton(q, k, v, g, beta, K ** -0.5, h0, True, cu, args.segment_chunks)
+    (o.float().square().sum() + ht.square().sum()).backward()
     torch.cuda.synchronize()
-    print("entry call ok:", segment_chunks, float(o.norm()), float(h0.grad.norm()))
+    print("entry call ok:", vars(args), float(o.float().norm()), float(h0.grad.norm()), flush=True)
 
 
 if __name__ == "__main__":

@@ -504,7 +504,10 @@ def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scra
     b_dXw_k = tl.sum(b_dXw * b_k.to(tl.float32), axis=1)
     b_dbeta += b_dXw_k * b_e
     b_dgc = b_dXw_k * b_bek
-    b_dT += tl.dot(b_dw.to(DT), tl.trans((b_k * b_bek[:, None]).to(DT)))
+    # (beta e k)^T loaded transposed: tl.trans of the scaled rows here read shared memory out of bounds on an H100
+    # (compute-sanitizer, float32, K = 16; Triton 3.6)
+    b_kT = tl.load(k + (tok * H + i_h)[None, :] * K + rk[:, None], mask=tl.trans(km), other=0.0)
+    b_dT += tl.dot(b_dw.to(DT), (b_kT * b_bek[None, :]).to(DT))
     strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
     b_dA = -tl.dot(tl.dot(b_TT, b_dT.to(DT)).to(DT), b_TT)
     b_dA = tl.where(strict, b_dA * tl.exp(tl.where(strict, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
@@ -610,8 +613,14 @@ def _tables(B: int, T: int, offsets: torch.Tensor | None, device: torch.device, 
                   tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0])
 
 
+# The smallest K or V tile. 16-wide tiles as a product's inner or outer dimension were miscompiled on an H100
+# (Triton 3.6): with K = 16 the gradient kernel read shared memory out of bounds in float32 (compute-sanitizer)
+# and the bf16 forward returned NaN; masked 32-wide tiles cost nothing at the head sizes models use.
+MIN_TILE = 32
+
+
 def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(MIN_TILE, triton.next_power_of_2(n))
 
 
 # Per kernel role: (columns per program, warps, pipeline stages) for K = V = 128 on sm_90, chosen from compiles for
@@ -636,7 +645,7 @@ KEEP_FORWARD_STATES = True
 
 def _tuned(role: str, K: int, V: int) -> tuple[int, int, int]:
     columns, warps, stages = TUNING[role]
-    columns = max(16, min(columns, triton.next_power_of_2(V), columns * 128 // _pow2(K)))
+    columns = max(MIN_TILE, min(columns, triton.next_power_of_2(V), columns * 128 // _pow2(K)))
     return columns, warps, stages
 
 
