@@ -107,8 +107,9 @@ def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None):
 
 def flex_attention_documents(q, k, v, block_mask, scale: float):
     """q [rows, n, Hq, D], k, v [rows, m, Hkv, D] -> [rows, n, Hq, D], through lengths padded to whole flex blocks.
-    Unaligned lengths (a context-parallel halo makes m = n + W - 1) are a reported source of flex faults and one
-    suspect of the illegal access seen in the GPU context-parallel tests (benchmarks/NOTES.md); not confirmed."""
+    Unaligned lengths (a context-parallel halo makes m = n + W - 1) are a reported source of flex faults (pytorch
+    #174923, #153799); the padding costs at most 127 tokens. (The illegal access of the first GPU context-parallel
+    runs was not flex's: it was the gated delta rule's 16-wide tiles, benchmarks/NOTES.md.)"""
     n, m = q.shape[1], k.shape[1]
     q, k, v = _padded(q, _flex_length(n), 0), _padded(k, _flex_length(m), 0), _padded(v, _flex_length(m), 0)
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
