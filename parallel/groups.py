@@ -2,7 +2,7 @@
 
 Ranks of one context-parallel group hold the same parameters and different tokens of the same sequences; ranks of
 one data-parallel group hold the same parameters and different sequences. Gradients are therefore reduced over
-data-parallel x context-parallel ranks (DESIGN.md, "Parallel groups").
+data-parallel x context-parallel ranks (the DeepSpeed mpu adapter, parallel/mpu.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A recurrent mixer describes its recurrence over the local tokens with a ``Recurrence`` object (see the protocol
 below). Without context parallelism ``run_recurrence`` is one kernel call over the packed documents. With it
-(DESIGN.md, "Boundary states"), the state leaving a rank is affine in the state entering it,
+(README.md, "Context and tensor parallelism"), the state leaving a rank is affine in the state entering it,
 
     S_out(r) = M_r(S_in(r)) + E_r,
 

@@ -82,6 +82,13 @@ def test_chunk_segments(segment_chunks, keep, monkeypatch):
     check(triton_segmented(segment_chunks), make_inputs(1, 150, 1, 2, 16, 32, seed=segment_chunks))
 
 
+@pytest.mark.parametrize("K, V", [(256, 256), (256, 48)])
+def test_chunk_widest_heads(K, V):
+    """The widest heads the op accepts (checks.MAX_HEAD_DIM = 256): 256-wide key tiles, value tiles narrowed so that
+    a program's K x columns state tile stays within 128 x 64 (chunk._tuned), two chunks."""
+    check(public(chunk_gated_delta_rule), make_inputs(1, 70, 1, 1, K, V, seed=K + V))
+
+
 def test_chunk_without_states():
     check(public(chunk_gated_delta_rule), make_inputs(1, 130, 2, 2, 16, 16, initial_state=False),
           output_final_state=False, scale=0.3)

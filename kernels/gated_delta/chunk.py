@@ -1,5 +1,6 @@
 """Chunkwise gated delta rule: Triton forward and backward kernels, chunk of 64 tokens, UT/WY form, and the
-sequence split into segments that run in parallel and are joined by the boundary-state algebra of DESIGN.md.
+sequence split into segments that run in parallel and are joined by the boundary-state algebra of
+parallel/state_passing.py.
 
 Per value head, with chunk c of C = 64 tokens entering with state h (K x V):
   gc_i = sum_{j<=i} g_j inside the chunk,  e_i = exp(gc_i),  gl = gc of the chunk's last token;

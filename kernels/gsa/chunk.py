@@ -17,7 +17,7 @@ Kernels (each serves every gate side and direction; REVERSE reads a chunk's rows
 backward's anti-causal sums into the forward's causal ones):
     _chunk_cumsum_kernel   gc = cumulative gates within chunks
     _state_scan_kernel     states at chunk boundaries, in a sequential loop over a unit of chunks
-    _compose_kernel        initial state of every unit from the units' end states (DESIGN.md's boundary algebra)
+    _compose_kernel        initial state of every unit from the units' end states (parallel/state_passing.py's algebra)
     _chunk_output_kernel   per chunk: scale_inter * (gated q) h + scale_intra * (gated intra-chunk attention) v
     _slot_softmax(_grad)_kernel, _gate_terms_kernel: GSA's softmax between the passes, its backward, and the gate
                            gradient's per-token terms (float32 rows of M slots)

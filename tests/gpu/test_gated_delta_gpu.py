@@ -77,6 +77,12 @@ def test_other_widths_fp16():
     print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
 
 
+def test_widest_heads():
+    """K = V = 256, the widest heads the op accepts (not yet run on a GPU: the kernels' 256-wide key tiles)."""
+    x = make_inputs(1, 1000, 1, 2, 256, 256, seed=6)
+    print(compare_with_reference(op(chunk_gated_delta_rule), REFERENCE, x, TOL))
+
+
 @pytest.mark.parametrize("T, H, HV", [(2048, 2, 4), (16384, 1, 2)])
 def test_long(T, H, HV):
     """One sequence, grouped value heads; at 16k the default splits it into segments scanned in parallel (the
