@@ -10,7 +10,8 @@ Per row: tokens/s; achieved TFLOP/s = tokens/s x training FLOPs per token (lctra
 every projection and the output layer + each mixer's own FLOPs), for the peer the 6N rule on its non-embedding
 parameters plus its output layer, the same convention); MFU against the dense bf16 peak and against the matmul
 ceiling measured in this run; peak memory; and the step split into forward, backward, optimizer, with the
-forward+backward time of each sublayer kind, the loss and the rest measured one by one (same T, same checkpointing).
+forward+backward time of each sublayer kind (less its RMSNorm), the norms, the loss and the rest measured one by
+one (same T, same checkpointing).
 Inputs are random tokens in one document per sequence (B = 1); timings are medians over the timed steps.
 """
 from __future__ import annotations
@@ -157,9 +158,10 @@ def profile_step(engine, ids, layout, labels, loss_chunk_tokens: int) -> None:
 
 
 def component_times(module, config, T: int, device) -> dict[str, tuple[float, int]]:
-    """Forward + backward milliseconds of each sublayer kind (summed over its occurrences, with the count) and of
-    the loss, each run alone on random activations, with the step's activation checkpointing (recompute in
-    backward)."""
+    """Forward + backward milliseconds of each sublayer kind (summed over its occurrences, with the count), of the
+    RMSNorms and of the loss, each run alone on random activations, with the step's activation checkpointing
+    (recompute in backward). A sublayer kind's and the loss's entries exclude their norm (one norm timed alone,
+    subtracted); "norms" is every pre-norm and the final norm."""
     from torch.utils.checkpoint import checkpoint
 
     from lctrain.model.layout import layout_from_cu_seqlens
@@ -175,16 +177,21 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
     seen: dict[str, int] = {}
     for layer in module.layers:
         seen[layer.symbol] = seen.get(layer.symbol, 0) + 1
+
+    def median_ms(fn, *args) -> float:
+        fn(*args)
+        return statistics.median(timed(lambda: fn(*args), device) for _ in range(3))
+
+    def run(layer, *inputs):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        out = checkpoint(layer, x, *inputs, use_reentrant=False) if recompute else layer(x, *inputs)
+        torch.autograd.grad(out, [x] + params, grad)  # captured, not accumulated into .grad
+
+    norm_ms = median_ms(run, module.final_norm)
     for symbol, count in seen.items():
         layer = next(l for l in module.layers if l.symbol == symbol)
-        params = [p for p in layer.parameters() if p.requires_grad]
-
-        def run():
-            out = checkpoint(layer, x, layout, use_reentrant=False) if recompute else layer(x, layout)
-            torch.autograd.grad(out, [x] + params, grad)  # captured, not accumulated into .grad
-
-        run()
-        times[LAYERS[symbol].name] = (statistics.median(timed(run, device) for _ in range(3)) * count, count)
+        times[LAYERS[symbol].name] = ((median_ms(run, layer, layout) - norm_ms) * count, count)
+    times["norms"] = (norm_ms * (len(module.layers) + 1), len(module.layers) + 1)
     labels = torch.randint(0, config.model.vocab_size, (T,), device=device)
     weight = module.output_weight
 
@@ -193,8 +200,7 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
         value = chunked_cross_entropy(hidden, weight, labels, config.model.vocab_size, 0, config.train.loss_chunk_tokens)
         torch.autograd.grad(value, [x, weight])
 
-    loss()
-    times["loss"] = (statistics.median(timed(loss, device) for _ in range(3)), 1)
+    times["loss"] = (median_ms(loss) - norm_ms, 1)
     return times
 
 
