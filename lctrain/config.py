@@ -135,7 +135,8 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 1234
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    activation_checkpointing: Literal["none", "block"] = "none"  # block: recompute each sublayer in backward
+    # block: recompute each sublayer in backward; block_offload: the same, each sublayer's input waiting in host memory
+    activation_checkpointing: Literal["none", "block", "block_offload"] = "none"
     loss_chunk_tokens: int = 4096  # loss computed over this many tokens at a time: full logits never materialise
     eval_interval: int = 50  # 0 disables evaluation
     eval_steps: int = 4

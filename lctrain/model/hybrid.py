@@ -76,6 +76,58 @@ class Sublayer(MegatronModule):
         return x + self.mixer(self.norm(x), layout)
 
 
+class HostOffloadedSublayer(torch.autograd.Function):
+    """A sublayer under block checkpointing whose input waits in pinned host memory between forward and backward
+    (``train.activation_checkpointing: block_offload``). Block checkpointing keeps one [L, D] input per sublayer on
+    the GPU, at the longest lengths most of a step's memory (4 KiB per token and sublayer at D = 2048, bf16); here
+    the forward saves nothing on the GPU and copies the input out on a side stream (overlapping the next sublayer),
+    and the backward copies it back, recomputes the sublayer and takes its gradients. The parameters are inputs of
+    the function, so their gradients accumulate through autograd as usual (DeepSpeed's hooks see them). Off a GPU
+    the input is kept as it is (nothing to offload to)."""
+
+    @staticmethod
+    def forward(ctx, x, layer, layout, *params):
+        ctx.layer, ctx.layout = layer, layout
+        ctx.device = x.device
+        if x.device.type == "cuda":
+            ctx.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            stream = _copy_stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                ctx.host.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # its memory is reused only after the copy
+            ctx.copied = stream.record_event()
+        else:
+            ctx.host = x.detach()
+        with torch.no_grad():
+            return layer(x, layout)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.device.type == "cuda":
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+        x = ctx.host.to(ctx.device, non_blocking=True).requires_grad_()
+        del ctx.host
+        params = _trainable(ctx.layer)
+        with torch.enable_grad():
+            out = ctx.layer(x, ctx.layout)
+        grads = torch.autograd.grad(out, [x, *params], grad, allow_unused=True)
+        return grads[0], None, None, *grads[1:]
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device):
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
+
+
+def _trainable(layer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in layer.parameters() if p.requires_grad]
+
+
 class HybridModel(MegatronModule):
     def __init__(self, model: ModelConfig, config: TransformerConfig):
         super().__init__(config)
@@ -90,7 +142,7 @@ class HybridModel(MegatronModule):
         if not model.tie_embeddings:
             self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, config=config,
                                                init_method=config.init_method, bias=False, gather_output=False)
-        self.activation_checkpointing = False
+        self.activation_checkpointing = "none"  # train.activation_checkpointing: none, block or block_offload
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -99,9 +151,12 @@ class HybridModel(MegatronModule):
     def hidden_states(self, input_ids: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         """Final normed hidden states [L, D] of the packed tokens input_ids [rows, row_len]."""
         h = self.embedding(input_ids.reshape(1, -1))
+        mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if mode == "block":
                 h = checkpoint(layer, h, layout, use_reentrant=False)
+            elif mode == "block_offload":
+                h = HostOffloadedSublayer.apply(h, layer, layout, *_trainable(layer))
             else:
                 h = layer(h, layout)
         return self.final_norm(h)[0]
