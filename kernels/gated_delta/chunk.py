@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from lctrain.kernels.common import chunk_map, new_output, use_triton
+from lctrain.kernels.common import chunk_map, host_offsets, new_output, use_triton
 from lctrain.kernels.gated_delta.checks import check_inputs
 from lctrain.kernels.gated_delta.chunk_torch import chunk_gated_delta_rule_torch
 
@@ -577,7 +577,7 @@ def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.
     if cu_seqlens is None:
         L = segment_chunks or auto_segment_chunks(-(-T // CHUNK), B * programs_per_segment, device)
         return _equal_rows_layout(B, T, device, L)
-    offsets = cu_seqlens.to("cpu", torch.int64)
+    offsets = host_offsets(cu_seqlens)
     nc = (offsets[1:] - offsets[:-1] + CHUNK - 1) // CHUNK
     L = segment_chunks or auto_segment_chunks(int(nc.max()), nc.numel() * programs_per_segment, device)
     return _tables(B, T, offsets, device, L)

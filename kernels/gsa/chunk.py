@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_cu_seqlens, chunk_map, new_output, use_triton
+from ..common import check_cu_seqlens, chunk_map, host_offsets, new_output, use_triton
 from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 
 BT = 64  # chunk length
@@ -113,7 +113,7 @@ def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: 
         starts = torch.arange(batch, dtype=torch.int64) * length
         lengths = torch.full((batch,), length, dtype=torch.int64)
     else:
-        offsets = cu_seqlens.to("cpu", torch.int64)
+        offsets = host_offsets(cu_seqlens)
         starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
     n_seqs = starts.numel()
     per_seq = (lengths + BT - 1) // BT

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..common import check_cu_seqlens, use_triton
+from ..common import check_cu_seqlens, host_offsets, use_triton
 from .fftconv import CausalFFTConvFunction, causal_fft_conv_torch, fft_plan
 
 
@@ -193,7 +193,7 @@ def s4d_ssm(
         raise ValueError(f"u must be [B, T, H] with H = {H}; got {tuple(u.shape)}")
     batch, length, _ = u.shape
     check_cu_seqlens(cu_seqlens, batch, length)
-    lengths = [length] * batch if cu_seqlens is None else (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    lengths = [length] * batch if cu_seqlens is None else host_offsets(cu_seqlens).diff().tolist()
     sequences = len(lengths)
     if initial_state is not None and initial_state.shape != (sequences, H, N, 2):
         raise ValueError(f"initial_state must be [N_seq, H, N, 2] = [{sequences}, {H}, {N}, 2]; "

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lctrain.kernels.common import remember_host_offsets
+
 
 @dataclasses.dataclass
 class TokenLayout:
@@ -52,6 +54,8 @@ class TokenLayout:
         for name in ("cu_seqlens", "positions", "doc_ids", "continues"):
             if moved[name] is not None:
                 moved[name] = moved[name].to(device, non_blocking=True)
+        if self.cu_seqlens is not None and self.cu_seqlens.device.type == "cpu":  # no copy back for kernel tables
+            remember_host_offsets(moved["cu_seqlens"], self.cu_seqlens)
         moved["cache"] = {}
         return TokenLayout(**moved)
 
