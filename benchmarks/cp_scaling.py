@@ -247,6 +247,8 @@ def worker_kernel(args) -> dict:
                 run = make(inputs, cp, par.rank % cp)
                 ms = _slowest(time_ms(lambda _: run(), warmup=2, reps=args.iters), groups[cp])
                 rows.append({**row, "ms": ms})
+                if par.rank == 0:  # in the launch's log as it goes: a launch cut by its time limit keeps these
+                    print("measured:", json.dumps(rows[-1]), flush=True)
             except Exception as error:  # noqa: BLE001 - a failing peer call is reported, not fatal
                 if impl == "lctrain":
                     raise
