@@ -59,6 +59,15 @@ def remember_host_offsets(device_offsets: torch.Tensor, host: torch.Tensor) -> N
         _HOST_OFFSETS[device_offsets] = (device_offsets._version, host.to(torch.int64, copy=True))
 
 
+def device_table(table: torch.Tensor, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A table built on the host, on ``device`` without a synchronisation: a copy from pageable host memory waits
+    for the GPU's queued work, one staged through pinned memory does not."""
+    table = table.to(dtype).contiguous()
+    if torch.device(device).type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, batch: int, length: int) -> None:
     """Packed documents come as B = 1 and int64 offsets 0 = c_0 <= c_1 <= ... <= c_N = T."""
     if cu_seqlens is None:
@@ -89,5 +98,4 @@ def chunk_map(cu_seqlens: torch.Tensor | None, batch: int, length: int, chunk: i
     first_chunk = torch.cumsum(chunks_per_seq, 0) - chunks_per_seq
     index_in_seq = torch.arange(seq.numel()) - first_chunk[seq]
     rows = torch.stack([seq, starts[seq] + index_in_seq * chunk, index_in_seq], dim=1)
-    device = cu_seqlens.device if cu_seqlens is not None else "cpu"
-    return rows.to(device=device, dtype=torch.int32)
+    return device_table(rows, cu_seqlens.device if cu_seqlens is not None else "cpu")

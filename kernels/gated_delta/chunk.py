@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from lctrain.kernels.common import chunk_map, host_offsets, new_output, use_triton
+from lctrain.kernels.common import chunk_map, device_table, host_offsets, new_output, use_triton
 from lctrain.kernels.gated_delta.checks import check_inputs
 from lctrain.kernels.gated_delta.chunk_torch import chunk_gated_delta_rule_torch
 
@@ -606,9 +606,7 @@ def _tables(B: int, T: int, offsets: torch.Tensor | None, device: torch.device, 
                         torch.clamp(nc[seg_seq] - seg_index * L, max=L), starts[seg_seq] + seg_index * L * CHUNK,
                         starts[seg_seq], ends[seg_seq]], dim=1)
     seq_segs = torch.stack([first_seg, ns], dim=1)
-    tables = torch.cat([chunks.flatten(), ends, segs.flatten(), seq_segs.flatten()]).to(torch.int32)
-    if device.type == "cuda":  # a pageable copy would wait for the GPU's queued work
-        tables = tables.pin_memory().to(device, non_blocking=True)
+    tables = device_table(torch.cat([chunks.flatten(), ends, segs.flatten(), seq_segs.flatten()]), device)
     a, b, c = chunks.numel(), N, segs.numel()
     return Layout(tables[:a].view(-1, 3), tables[a:a + b], tables[a + b:a + b + c].view(-1, 6),
                   tables[a + b + c:].view(-1, 2), N, chunks.shape[0], segs.shape[0])

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import check_cu_seqlens, chunk_map, host_offsets, new_output, use_triton
+from ..common import check_cu_seqlens, chunk_map, device_table, host_offsets, new_output, use_triton
 from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 
 BT = 64  # chunk length
@@ -118,7 +118,8 @@ def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: 
     n_seqs = starts.numel()
     per_seq = (lengths + BT - 1) // BT
     slots_before = torch.cumsum(per_seq + 1, 0) - (per_seq + 1)
-    rows = chunk_map(cu_seqlens, batch, length, BT).to("cpu", torch.int64)  # (sequence, first token, index)
+    host = None if cu_seqlens is None else host_offsets(cu_seqlens)
+    rows = chunk_map(host, batch, length, BT).to(torch.int64)  # (sequence, first token, index)
     seq, first_token, index = rows.unbind(1)
     valid = torch.clamp(lengths[seq] - index * BT, max=BT)
     chunks = torch.stack([first_token, valid, slots_before[seq] + index], dim=1)
@@ -139,10 +140,8 @@ def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: 
                          slots_before[unit_seq] + j * unit_len, flags], dim=1)
     seq_units = torch.stack([units_before, units_per_seq], dim=1)
 
-    def dev(t):
-        return t.to(device=device, dtype=torch.int32).contiguous()
-
-    return Plan(dev(chunks), dev(units), dev(seq_units), n_seqs, int((per_seq + 1).sum()),
+    return Plan(device_table(chunks, device), device_table(units, device), device_table(seq_units, device), n_seqs,
+                int((per_seq + 1).sum()),
                 bool((units_per_seq > 1).any()))
 
 

@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from ..common import check_cu_seqlens, host_offsets, use_triton
+from ..common import check_cu_seqlens, device_table, host_offsets, use_triton
 from .fftconv import CausalFFTConvFunction, causal_fft_conv_torch, fft_plan
 
 
@@ -85,9 +85,10 @@ def _decay_readout(weights: torch.Tensor, dtA: torch.Tensor, lengths: list[int],
     H, N = dtA.shape
     block = _block_size(max(lengths))
     per_doc = torch.tensor([-(-n // block) for n in lengths])
-    doc_of_block = torch.repeat_interleave(torch.arange(len(lengths)), per_doc).to(dtA.device)
+    doc_of_block = device_table(torch.repeat_interleave(torch.arange(len(lengths)), per_doc), dtA.device, torch.int64)
     first_block = torch.cumsum(per_doc, 0) - per_doc
-    q = (torch.arange(int(per_doc.sum())) - torch.repeat_interleave(first_block, per_doc)).to(dtA.device)
+    q = device_table(torch.arange(int(per_doc.sum())) - torch.repeat_interleave(first_block, per_doc), dtA.device,
+                     torch.int64)
     block_weights = weights[doc_of_block] * torch.exp(dtA * (q * block).to(torch.float64)[:, None, None])
     powers = torch.exp(dtA[..., None] * torch.arange(block, device=dtA.device, dtype=torch.float64))  # [H, N, L]
     left = torch.cat([block_weights.real, -block_weights.imag], dim=-1).transpose(0, 1).to(dtype)  # [H, nb, 2N]
@@ -95,7 +96,8 @@ def _decay_readout(weights: torch.Tensor, dtA: torch.Tensor, lengths: list[int],
     flat = torch.bmm(left, right).reshape(H, -1)
     if len(lengths) == 1:
         return flat[:, : lengths[0]]
-    index = torch.cat([first_block[d] * block + torch.arange(n) for d, n in enumerate(lengths)]).to(flat.device)
+    index = device_table(torch.cat([first_block[d] * block + torch.arange(n) for d, n in enumerate(lengths)]),
+                         flat.device, torch.int64)
     return flat[:, index]
 
 
@@ -113,13 +115,13 @@ def _decay_readin(u: torch.Tensor, dtA: torch.Tensor, lengths: list[int]) -> tor
     q = torch.arange(int(per_doc.sum())) - torch.repeat_interleave(torch.cumsum(per_doc, 0) - per_doc, per_doc)
     offset = q[:, None] * block + torch.arange(block)[None, :]  # [nb, L]: distance from the sequence's last token
     valid = offset < torch.tensor(lengths)[doc_of_block][:, None]
-    position = torch.where(valid, ends[doc_of_block][:, None] - 1 - offset, 0).to(u.device)
-    gathered = u.t()[:, position] * valid.to(u.device, u.dtype)  # [H, nb, L]
+    position = device_table(torch.where(valid, ends[doc_of_block][:, None] - 1 - offset, 0), u.device, torch.int64)
+    gathered = u.t()[:, position] * device_table(valid, u.device, u.dtype)  # [H, nb, L]
     powers = torch.exp(dtA[..., None] * torch.arange(block, device=dtA.device, dtype=torch.float64))  # [H, N, L]
     table = torch.cat([powers.real, powers.imag], dim=1).transpose(1, 2).to(u.dtype)  # [H, L, 2N]
     partial = torch.bmm(gathered, table).double()  # [H, nb, 2N]
     partial = torch.complex(partial[..., :N], partial[..., N:]).transpose(0, 1)  # [nb, H, N]
-    doc_of_block, q = doc_of_block.to(dtA.device), q.to(dtA.device)
+    doc_of_block, q = device_table(doc_of_block, dtA.device, torch.int64), device_table(q, dtA.device, torch.int64)
     partial = partial * torch.exp(dtA * (q * block).to(torch.float64)[:, None, None])
     return torch.zeros(len(lengths), H, N, dtype=partial.dtype, device=partial.device).index_add(0, doc_of_block,
                                                                                                partial)
@@ -217,14 +219,15 @@ def s4d_ssm(
     if need_readin and live:
         flat = u.reshape(batch * length, H).to(dtype)
         E = torch.zeros(sequences, H, N, dtype=torch.complex128, device=u.device)
-        E = E.index_copy(0, torch.tensor(live, device=u.device), _decay_readin(flat, dtA, [lengths[d] for d in live]))
+        E = E.index_copy(0, device_table(torch.tensor(live), u.device, torch.int64),
+                         _decay_readin(flat, dtA, [lengths[d] for d in live]))
         E = E * Bbar
     if corrected and live:
         start = torch.zeros(sequences, H, N, dtype=torch.complex128, device=u.device) if x0 is None else x0
         if leaking:
-            passing = torch.exp(dtA * torch.tensor(lengths, dtype=torch.float64, device=u.device)[:, None, None])
+            passing = torch.exp(dtA * device_table(torch.tensor(lengths), u.device, torch.float64)[:, None, None])
             start = start - _affine_prefix(passing, E)
-        live_index = torch.tensor(live, device=u.device)
+        live_index = device_table(torch.tensor(live), u.device, torch.int64)
         weights = (Cc * torch.exp(dtA))[None] * start[live_index]
         correction = _decay_readout(weights, dtA, [lengths[d] for d in live], dtype)  # [H, B T]
         y = y + correction.t().reshape(batch, length, H)
