@@ -2,8 +2,8 @@
 #   source benchmarks/gpu_env.sh && python3 benchmarks/...
 # Installs the carried bundle (.whl/install.sh) and keeps Triton's autotuning choices between calls: the peer's
 # (flash-linear-attention's) kernels autotune over many configurations on first use, minutes on a fresh machine
-# (fla's GDN model at 16k filled most of a 420 s call; chunk_gsa's backward did not finish in 330 s), which left the same-run comparisons cut
-# by the call's limit. Triton stores each choice as a small *.autotune.json in its cache; this restores
+# (fla's GDN model at 16k filled most of a 420 s call; chunk_gsa's backward did not finish in 330 s), which left
+# the same-run comparisons cut by the call's limit. Triton stores each choice as a small *.autotune.json in its cache; this restores
 # .autotune/<gpu>.tgz (carry ".autotune") and, when the shell exits, writes the current set to
 # $OUT/autotune-<gpu>.tgz; copy that file back into .autotune/ here for the next call. Only the choice of
 # configuration is reused; every kernel is still compiled and timed in the call.
