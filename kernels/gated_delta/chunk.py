@@ -505,8 +505,7 @@ def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scra
     b_dXw_k = tl.sum(b_dXw * b_k.to(tl.float32), axis=1)
     b_dbeta += b_dXw_k * b_e
     b_dgc = b_dXw_k * b_bek
-    # (beta e k)^T loaded transposed: tl.trans of the scaled rows here read shared memory out of bounds on an H100
-    # (compute-sanitizer, float32, K = 16; Triton 3.6)
+    # (beta e k)^T from k loaded transposed (a product of loaded operands, as the module notes prefer)
     b_kT = tl.load(k + (tok * H + i_h)[None, :] * K + rk[:, None], mask=tl.trans(km), other=0.0)
     b_dT += tl.dot(b_dw.to(DT), (b_kT * b_bek[None, :]).to(DT))
     strict = (r[:, None] > r[None, :]) & valid[:, None] & valid[None, :]
