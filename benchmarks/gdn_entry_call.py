@@ -2,7 +2,7 @@
 test_context_parallel_entry_call) alone, forward and backward, for running under compute-sanitizer:
 
     compute-sanitizer --tool memcheck python3 benchmarks/gdn_entry_call.py [--dtype float32] [--K 16] [--V 24]
-        [--segment-chunks N] [--grads-config WARPS,STAGES]
+        [--segment-chunks N]
 """
 import argparse
 
@@ -17,11 +17,7 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=16)
     parser.add_argument("--V", type=int, default=24)
     parser.add_argument("--segment-chunks", type=int)
-    parser.add_argument("--grads-config", help="warps,stages of the two gradient kernels")
     args = parser.parse_args()
-    if args.grads_config:
-        warps, stages = map(int, args.grads_config.split(","))
-        gdn.TUNING["grads"] = (gdn.TUNING["grads"][0], warps, stages)
     docs = [1452, 1, 595, 2048]
     T, H, HV, K, V = sum(docs), 2, 4, args.K, args.V
     dtype = getattr(torch, args.dtype)

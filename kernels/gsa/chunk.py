@@ -109,17 +109,16 @@ def _unit_chunks(total_chunks: int, programs_per_unit: int, device: torch.device
 
 def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device,
               programs_per_unit: int) -> Plan:
-    if cu_seqlens is None:
+    offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
+    if offsets is None:
         starts = torch.arange(batch, dtype=torch.int64) * length
         lengths = torch.full((batch,), length, dtype=torch.int64)
     else:
-        offsets = host_offsets(cu_seqlens)
         starts, lengths = offsets[:-1], offsets[1:] - offsets[:-1]
     n_seqs = starts.numel()
     per_seq = (lengths + BT - 1) // BT
     slots_before = torch.cumsum(per_seq + 1, 0) - (per_seq + 1)
-    host = None if cu_seqlens is None else host_offsets(cu_seqlens)
-    rows = chunk_map(host, batch, length, BT).to(torch.int64)  # (sequence, first token, index)
+    rows = chunk_map(offsets, batch, length, BT).to(torch.int64)  # (sequence, first token, index)
     seq, first_token, index = rows.unbind(1)
     valid = torch.clamp(lengths[seq] - index * BT, max=BT)
     chunks = torch.stack([first_token, valid, slots_before[seq] + index], dim=1)
@@ -141,8 +140,7 @@ def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: 
     seq_units = torch.stack([units_before, units_per_seq], dim=1)
 
     return Plan(device_table(chunks, device), device_table(units, device), device_table(seq_units, device), n_seqs,
-                int((per_seq + 1).sum()),
-                bool((units_per_seq > 1).any()))
+                int((per_seq + 1).sum()), bool((units_per_seq > 1).any()))
 
 
 # ---------------------------------------------------------------------------------------------------------------
