@@ -19,6 +19,10 @@ class Impl:
     cost: Callable[[int], tuple[float, float, float, float]] | None = None
 
 
+# The issues' benchmark lengths (8k to 131k tokens); each op times these unless it says otherwise.
+LENGTHS = (8192, 32768, 65536, 131072)
+
+
 @dataclasses.dataclass
 class OpSpec:
     """An operator to benchmark at several lengths T.
@@ -28,12 +32,12 @@ class OpSpec:
     """
 
     name: str
-    lengths: list[int]
-    tiny_lengths: list[int]
     make_inputs: Callable[[int, int, torch.device, torch.dtype], dict]
     cost: Callable[[int], tuple[float, float, float, float]]
     impls: Callable[[], list[Impl]]
     baseline: str
+    lengths: list[int] = dataclasses.field(default_factory=lambda: list(LENGTHS))
+    tiny_lengths: list[int] = dataclasses.field(default_factory=lambda: [20, 70])  # the --tiny CPU dry run's
     input_dtype: torch.dtype | None = None  # set when the op fixes its inputs' dtype (the table's title says it)
 
 

@@ -18,6 +18,7 @@ the default one, on the same GPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -65,12 +66,11 @@ def _impls() -> list[Impl]:
             Impl("lctrain", lambda x: causal_fft_conv(x["u"], x["k"]))]
 
 
-SPEC = OpSpec(name="fftconv", lengths=[8192, 32768, 65536, 131072], tiny_lengths=[64],
+SPEC = OpSpec(name="fftconv", tiny_lengths=[64],
               make_inputs=_make_inputs(torch.float32), cost=_cost(4), impls=_impls, baseline="torch.fft",
               input_dtype=torch.float32)
-SPEC_BF16 = OpSpec(name="fftconv", lengths=SPEC.lengths, tiny_lengths=SPEC.tiny_lengths,
-                   make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2), impls=_impls, baseline="torch.fft",
-                   input_dtype=torch.bfloat16)
+SPEC_BF16 = dataclasses.replace(SPEC, make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2),
+                                input_dtype=torch.bfloat16)
 
 # Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
 VARIANTS = {"tile 32x16": dict(tile=512), "keep rows": dict(keep_rows=True)}
@@ -124,8 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--T", type=int, default=65536)
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    variants = OpSpec(name="fftconv", lengths=[args.T], tiny_lengths=[], make_inputs=SPEC.make_inputs,
-                      cost=SPEC.cost, impls=_variant_impls, baseline="lctrain")
+    variants = dataclasses.replace(SPEC, lengths=[args.T], impls=_variant_impls, baseline="lctrain")
     rows = benchmark(variants, [args.T], device, torch.float32, reps=20)
     print_table(rows, measure_ceilings(), f"== fftconv tuning variants on {torch.cuda.get_device_name()}, "
                                          f"float32 inputs", baseline_impl="lctrain")

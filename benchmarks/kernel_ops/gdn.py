@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Impl, OpSpec, fla_impl
+from . import LENGTHS, Impl, OpSpec, fla_impl
 
 GPU_DIMS = (16, 128, 128)  # H, K, V
 CPU_DIMS = (2, 32, 32)
@@ -90,8 +90,6 @@ def _attention() -> Impl:
 
 SPEC = OpSpec(
     name="gdn",
-    lengths=[8192, 32768, 65536, 131072],
-    tiny_lengths=[20, 70],
     make_inputs=make_inputs,
     cost=cost,
     impls=lambda: [_lctrain(), _fla(), _attention()],
@@ -111,7 +109,7 @@ VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segmen
 ]
 
 
-def profile(lengths=(8192, 32768, 65536, 131072), sweep_T: int = 65536, fla_T: int = 65536) -> None:
+def profile(lengths=LENGTHS, sweep_T: int = 65536, fla_T: int = 65536) -> None:
     """For a GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a per-kernel CUDA time table;
     lctrain against fla at T = 8192 (relative difference of values and gradients) and fla's times at fla_T; then
     the VARIANTS at sweep_T (each compiles its kernels once). Each line is printed as soon as it is measured.

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import Impl, OpSpec, fla_impl
+from . import LENGTHS, Impl, OpSpec, fla_impl
 
 GPU_DIMS = (4, 512, 512, 64)  # H, K, V, M
 CPU_DIMS = (1, 32, 32, 16)
@@ -62,7 +62,6 @@ def _fla() -> Impl:
 
 SPEC = OpSpec(
     name="gsa",
-    lengths=[8192, 32768, 65536, 131072],
     tiny_lengths=[20],
     make_inputs=make_inputs,
     cost=cost,
@@ -71,7 +70,7 @@ SPEC = OpSpec(
 )
 
 
-def profile(lengths=(8192, 32768, 65536, 131072)) -> None:
+def profile(lengths=LENGTHS) -> None:
     """lctrain alone (no peer to compile or autotune): fwd and fwd+bwd at each length, then a per-kernel CUDA time
     table of one fwd+bwd at the last length.  Run from benchmarks/:  python -m kernel_ops.gsa [T ...]"""
     from harness import step_functions, time_ms
@@ -91,4 +90,4 @@ def profile(lengths=(8192, 32768, 65536, 131072)) -> None:
 if __name__ == "__main__":
     import sys
 
-    profile(tuple(int(t) for t in sys.argv[1:]) or (8192, 32768, 65536, 131072))
+    profile(tuple(int(t) for t in sys.argv[1:]) or LENGTHS)

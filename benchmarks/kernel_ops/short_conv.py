@@ -63,8 +63,6 @@ def _fla() -> Impl:
 
 SPEC = OpSpec(
     name="short_conv",
-    lengths=[8192, 32768, 65536, 131072],
-    tiny_lengths=[20, 70],
     make_inputs=make_inputs,
     cost=cost,
     impls=lambda: [_lctrain(), _torch(), _fla()],

@@ -55,8 +55,6 @@ def _fla() -> Impl:
 
 SPEC = OpSpec(
     name="swiglu",
-    lengths=[8192, 32768, 65536, 131072],
-    tiny_lengths=[20, 70],
     make_inputs=make_inputs,
     cost=cost,
     impls=lambda: [_lctrain(), Impl("torch", _torch_formula), _fla()],
