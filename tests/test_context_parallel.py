@@ -167,7 +167,8 @@ class Setting:
 
     def error(self, actual: torch.Tensor, expected: torch.Tensor, scale: float = 0.0) -> float:
         """The metric's error relative to max(|expected|, scale)."""
-        return (self.magnitude(actual.double() - expected.double()) / max(self.magnitude(expected).item(), scale)).item()
+        difference = self.magnitude(actual.double() - expected.double())
+        return (difference / max(self.magnitude(expected).item(), scale)).item()
 
 
 def _batch(setting: Setting) -> Batch:
@@ -199,7 +200,7 @@ def _summed_grads(setting: Setting, module, group) -> tuple[dict[str, torch.Tens
     that scale when it is larger than the total's: a gradient summed over every token from terms of both signs
     (an SSM's decay and step parameters) cancels to a small total, while both runs round relative to the terms
     (on GPUs, TF32 or bf16 products: 2e-3..4.5e-2 of the cancelled totals in the first runs there)."""
-    grads = {p: w.grad.float() for p, w in module.named_parameters()}
+    grads = {p: w.grad.to(torch.float32, copy=True) for p, w in module.named_parameters()}
     scales = _sum_over(group, {p: setting.magnitude(g).reshape(1) for p, g in grads.items()})
     return _sum_over(group, grads), {p: s.item() for p, s in scales.items()}
 
