@@ -80,7 +80,7 @@ VARIANTS = {
     "bwd 8 tiles/program": {"backward": (32, 64, 4, 8)},
     # fewer registers per program (offline sm_90 compile, NOTES.md): more programs resident per SM
     "bwd 32x32 4 warps": {"backward": (32, 32, 4, 8)},
-    "bwd 64x32 8 warps": {"backward": (64, 32, 8, 8)},
+    "bwd 32x64 4 warps (before)": {"backward": (32, 64, 4, 32)},
     "bwd 16x64 4 warps": {"backward": (16, 64, 4, 16)},
 }
 

@@ -40,9 +40,10 @@ class Tiles:
     blocks_per_program: int = 1  # backward: consecutive token tiles one program walks (its weight-gradient partial)
 
 
-# CUDA tiles, not yet timed on a GPU; chosen from sm_90 register counts (offline compile, W = 4, halo and SiLU, triton
-# 3.6 / 3.9): forward 123 / 125 registers (2 programs of 8 warps per SM), backward 255 / 236 without spills (2 of 4).
-TUNING = {"forward": Tiles(64, 64, 8), "backward": Tiles(32, 64, 4, 32)}
+# CUDA tiles. Forward from sm_90 register counts (W = 4, halo and SiLU): 123 registers, 2 programs of 8 warps per SM.
+# Backward measured on an H100 (benchmarks/NOTES.md, "Short-conv backward tiles"): 64 x 32 at 8 warps (128 registers,
+# 16 resident warps per SM) ran fwd+bwd 0.82x / 0.95x the time of 32 x 64 at 4 warps (255 registers) at 16k / 65k.
+TUNING = {"forward": Tiles(64, 64, 8), "backward": Tiles(64, 32, 8, 8)}
 # Under the interpreter each tile step costs milliseconds: few, large tiles (a tiny model's conv is one per row).
 INTERPRETER_TUNING = {"forward": Tiles(64, 64, 1), "backward": Tiles(64, 64, 1, 4)}
 

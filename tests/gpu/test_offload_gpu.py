@@ -33,7 +33,7 @@ def _run(mode: str, pattern: str, tokens: int, hidden: int, dtype) -> tuple[torc
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, torch.cuda.max_memory_allocated() - before
 
 
-def test_offload_matches_no_checkpointing():
+def test_offload_matches_no_checkpointing(parallel_1):
     loss, grads, _ = _run("none", "G-W-", 2048, 256, torch.float32)
     loss_off, grads_off, _ = _run("block_offload", "G-W-", 2048, 256, torch.float32)
     torch.testing.assert_close(loss_off, loss, rtol=1e-6, atol=0)
@@ -41,7 +41,7 @@ def test_offload_matches_no_checkpointing():
         torch.testing.assert_close(grads_off[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_offload_lowers_the_peak():
+def test_offload_lowers_the_peak(parallel_1):
     """16 sublayers at 32k tokens x 1024 (bf16): block checkpointing keeps 16 x 64 MiB of inputs."""
     _, _, peak_block = _run("block", "G-" * 8, 32768, 1024, torch.bfloat16)
     _, _, peak_offload = _run("block_offload", "G-" * 8, 32768, 1024, torch.bfloat16)
