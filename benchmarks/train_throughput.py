@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import pathlib
 import statistics
 import sys
@@ -126,9 +127,14 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
         row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
         rows.append(row)
         print("measured:", row, flush=True)
+    # The engine's optimizer holds the fp32 master weights and Adam states (~16 bytes per parameter) and its hooks
+    # keep them reachable after `del`: without destroy() the next config's peak counted them (seen on an H100).
+    engine.destroy()
     del engine, model
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        print(f"{name}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after freeing", flush=True)
     return rows
 
 
