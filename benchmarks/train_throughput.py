@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
+import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -65,7 +66,7 @@ def timed(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) -> list[Row]:
+def lctrain_rows(name: str, lengths: list[int], args, device) -> list[Row]:
     import deepspeed
 
     from lctrain.config import load_config
@@ -119,22 +120,15 @@ def lctrain_rows(name: str, lengths: list[int], args, device, ceiling: float) ->
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         if args.profile and device.type == "cuda":
             profile_step(engine, ids, layout, labels, config.train.loss_chunk_tokens)
-        parts = component_times(engine.module, config, T, device)
-        rest = median["forward"] + median["backward"] - sum(ms for ms, _ in parts.values())
-        shares = {**parts, "other fwd/bwd": (rest, 1), "optimizer": (median["optimizer"], 1)}
-        row.breakdown = ", ".join(f"{k} {ms / row.step_ms:.0%}" + (f" ({ms / n:.1f} ms x {n})" if n > 1 else "")
-                                  for k, (ms, n) in shares.items())
+        if not args.no_breakdown:
+            parts = component_times(engine.module, config, T, device)
+            rest = median["forward"] + median["backward"] - sum(ms for ms, _ in parts.values())
+            shares = {**parts, "other fwd/bwd": (rest, 1), "optimizer": (median["optimizer"], 1)}
+            row.breakdown = ", ".join(f"{k} {ms / row.step_ms:.0%}" + (f" ({ms / n:.1f} ms x {n})" if n > 1 else "")
+                                      for k, (ms, n) in shares.items())
         row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
         rows.append(row)
         print("measured:", row, flush=True)
-    # The engine's optimizer holds the fp32 master weights and Adam states (~16 bytes per parameter) and its hooks
-    # keep them reachable after `del`: without destroy() the next config's peak counted them (seen on an H100).
-    engine.destroy()
-    del engine, model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        print(f"{name}: {torch.cuda.memory_allocated() / 2**30:.2f} GiB still allocated after freeing", flush=True)
     return rows
 
 
@@ -210,7 +204,7 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
     return times
 
 
-def peer_rows(lengths: list[int], args, device, ceiling: float) -> list[Row]:
+def peer_rows(lengths: list[int], args, device) -> list[Row]:
     """flash-linear-attention's GatedDeltaNetForCausalLM, default config (1.39B), bf16, fused AdamW, gradient
     checkpointing, fused linear cross-entropy; its Hopper guard bypassed for timing only."""
     rows = [Row("fla GDN 1.39B", T, "peer") for T in lengths]
@@ -261,22 +255,51 @@ def peer_rows(lengths: list[int], args, device, ceiling: float) -> list[Row]:
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         row.note = f"{params / 1e9:.2f}B params, 6N FLOPs"
         print("measured:", row, flush=True)
-    del model, optimizer
-    torch.cuda.empty_cache()
     return rows
 
 
-def longest_trainable(name: str, start: int, args, device) -> str:
+ROW_PREFIX = "ROW "
+
+
+def isolated_rows(what: str, lengths: list[int], args) -> list[Row]:
+    """The rows of one config (or of the peer: what = "peer"), measured in a fresh process. In one process a
+    finished config's DeepSpeed engine stayed reachable (~18 GiB still allocated after engine.destroy() and gc, seen
+    on an H100) and the next config's peak memory counted it; an out-of-memory row's partial graph likewise."""
+    argv = [sys.executable, __file__, "--child", what, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    argv += [a for T in lengths for a in ("--T", str(T))] + [a for kv in args.set for a in ("--set", kv)]
+    argv += [flag for flag, on in (("--tiny", args.tiny), ("--profile", args.profile), ("--no-breakdown", args.no_breakdown),
+                                   ("--deepspeed-step", args.deepspeed_step)) if on]
+    argv += ["--tiny-pattern", args.tiny_pattern] if args.tiny_pattern else []
+    rows = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            if line.startswith(ROW_PREFIX):
+                rows.append(Row(**json.loads(line[len(ROW_PREFIX):])))
+            else:
+                print(line, end="", flush=True)
+    measured = {r.T for r in rows}
+    label = "fla GDN 1.39B" if what == "peer" else what
+    return rows + [Row(label, T, "peer" if what == "peer" else "lctrain", note=f"process exited {child.returncode}")
+                   for T in lengths if T not in measured]
+
+
+def longest_trainable(name: str, start: int, args) -> str:
     """Double T from ``start`` until one training step runs out of memory; the last T that trained."""
     good, T = None, start
     while T <= args.max_T_limit:
-        sub = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0})
-        row = lctrain_rows(name, [T], sub, device, float("nan"))[0]
+        sub = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "profile": False,
+                                                 "no_breakdown": True})
+        row = isolated_rows(name, [T], sub)[0]
         if row.note == "out of memory":
+            end = f"{T} ran out of memory"
             break
+        if row.step_ms != row.step_ms:  # NaN: the process failed for another reason
+            return f"longest T of {name}: stopped at {T}: {row.note}"
         good, T = (T, row.peak_gib), T * 2
-    return f"longest T that trained one step of {name}: {good[0] if good else 'none'}" + (
-        f" (peak {good[1]:.1f} GiB); {T} ran out of memory" if good else "")
+    else:
+        end = f"stopped at the limit {args.max_T_limit} (--max-T-limit)"
+    trained = f"{good[0]} (peak {good[1]:.1f} GiB)" if good else "none"
+    return f"longest T that trained one step of {name}: {trained}; {end}"
 
 
 def print_table(rows: list[Row], gpu: str, ceiling: float, peak: float | None) -> str:
@@ -307,10 +330,12 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny-pattern", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for lctrain's rows, as launch/train.py's --set")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip timing each sublayer kind alone")
     parser.add_argument("--profile", action="store_true", help="print each phase's top CUDA kernels of one step")
     parser.add_argument("--deepspeed-step", action="store_true",
                         help="DeepSpeed's own per-tensor overflow check and float64 norm (without lctrain.train.zero_step)")
     parser.add_argument("--out", help="append the table to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # one config's (or "peer") rows, in this process
     args = parser.parse_args(argv)
 
     from harness import measure_ceilings
@@ -318,23 +343,31 @@ def main(argv=None) -> int:
     from lctrain.parallel.groups import init_parallel
     from lctrain.train.flops import peak_tflops
 
-    init_parallel()
     device = torch.device("cuda") if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
     lengths = args.T or ([128, 256] if args.tiny else [16384, 65536, 131072])
+    if args.child:
+        init_parallel()
+        measured = (peer_rows(lengths, args, device) if args.child == "peer" else
+                    lctrain_rows(args.child, lengths, args, device))
+        for row in measured:
+            print(ROW_PREFIX + json.dumps(dataclasses.asdict(row)), flush=True)
+        return 0
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny dry run)"
     ceiling = measure_ceilings().matmul_tflops if device.type == "cuda" else float("nan")
     peak = peak_tflops(gpu) if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     # The peer first: its autotuning compiles for minutes on a fresh machine, and a call cut short should still
     # leave its rows (lctrain's rows print as each is measured).
-    peer = [] if args.no_peer else peer_rows(lengths, args, device, ceiling)
+    peer = [] if args.no_peer else isolated_rows("peer", lengths, args)
     rows: list[Row] = []
     for name in args.config or CONFIGS:
-        rows += lctrain_rows(name, lengths, args, device, ceiling)
+        rows += isolated_rows(name, lengths, args)
     rows += peer
     text = print_table(rows, gpu, ceiling, peak)
     if args.max_T:
         for name in args.config or ["gdn_h1_1p3b"]:
-            line = longest_trainable(name, max(lengths) * 2, args, device)
+            line = longest_trainable(name, max(lengths) * 2, args)
             print(line, flush=True)
             text += "\n" + line
     if args.out:
