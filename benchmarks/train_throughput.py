@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -66,7 +67,7 @@ def timed(fn, device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def lctrain_rows(name: str, lengths: list[int], args, device) -> list[Row]:
+def lctrain_rows(name: str, lengths: list[int], args, device) -> Iterator[Row]:
     import deepspeed
 
     from lctrain.config import load_config
@@ -88,7 +89,6 @@ def lctrain_rows(name: str, lengths: list[int], args, device) -> list[Row]:
                                       config=deepspeed_config(config, bf16), dist_init_required=False)
     if not args.deepspeed_step:
         fuse_gradient_checks(engine.optimizer)  # as lctrain.train.loop does
-    rows = []
     print(f"{name}: model built and DeepSpeed engine ready", flush=True)
     for T in lengths:
         row = Row(name, T, "lctrain")
@@ -110,7 +110,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device) -> list[Row]:
                         phases[key].append(value)
         except torch.cuda.OutOfMemoryError:
             row.note = "out of memory"
-            rows.append(row)
+            yield row
             torch.cuda.empty_cache()
             continue
         median = {k: statistics.median(v) for k, v in phases.items()}
@@ -127,9 +127,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device) -> list[Row]:
             row.breakdown = ", ".join(f"{k} {ms / row.step_ms:.0%}" + (f" ({ms / n:.1f} ms x {n})" if n > 1 else "")
                                       for k, (ms, n) in shares.items())
         row.note = f"fwd {median['forward']:.0f} / bwd {median['backward']:.0f} / opt {median['optimizer']:.0f} ms"
-        rows.append(row)
-        print("measured:", row, flush=True)
-    return rows
+        yield row
 
 
 def profile_step(engine, ids, layout, labels, loss_chunk_tokens: int) -> None:
@@ -204,21 +202,23 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
     return times
 
 
-def peer_rows(lengths: list[int], args, device) -> list[Row]:
+def peer_rows(lengths: list[int], args, device) -> Iterator[Row]:
     """flash-linear-attention's GatedDeltaNetForCausalLM, default config (1.39B), bf16, fused AdamW, gradient
     checkpointing, fused linear cross-entropy; its Hopper guard bypassed for timing only."""
     rows = [Row("fla GDN 1.39B", T, "peer") for T in lengths]
     if device.type != "cuda":
         for r in rows:
             r.note = "peer needs CUDA"
-        return rows
+        yield from rows
+        return
     try:
         import fla.ops.common.chunk_o as chunk_o
         from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
     except ImportError as e:
         for r in rows:
             r.note = f"fla unavailable: {e}"
-        return rows
+        yield from rows
+        return
     chunk_o.TRITON_ABOVE_3_7_1 = True
     cfg = GatedDeltaNetConfig(fuse_cross_entropy=False, fuse_linear_cross_entropy=True)
     torch.manual_seed(0)
@@ -248,14 +248,14 @@ def peer_rows(lengths: list[int], args, device) -> list[Row]:
             row.note = "out of memory"
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+            yield row
             continue
         row.step_ms = statistics.median(samples)
         row.tokens_per_s = T / row.step_ms * 1e3
         row.tflops = row.tokens_per_s * flops_per_token / 1e12
         row.peak_gib = torch.cuda.max_memory_allocated() / 2**30
         row.note = f"{params / 1e9:.2f}B params, 6N FLOPs"
-        print("measured:", row, flush=True)
-    return rows
+        yield row
 
 
 ROW_PREFIX = "ROW "
@@ -273,8 +273,9 @@ def isolated_rows(what: str, lengths: list[int], args) -> list[Row]:
     rows = []
     with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as child:
         for line in child.stdout:
-            if line.startswith(ROW_PREFIX):
+            if line.startswith(ROW_PREFIX):  # each row as the child measures it: a later crash keeps it
                 rows.append(Row(**json.loads(line[len(ROW_PREFIX):])))
+                print("measured:", rows[-1], flush=True)
             else:
                 print(line, end="", flush=True)
     measured = {r.T for r in rows}
@@ -347,9 +348,8 @@ def main(argv=None) -> int:
     lengths = args.T or ([128, 256] if args.tiny else [16384, 65536, 131072])
     if args.child:
         init_parallel()
-        measured = (peer_rows(lengths, args, device) if args.child == "peer" else
-                    lctrain_rows(args.child, lengths, args, device))
-        for row in measured:
+        for row in (peer_rows(lengths, args, device) if args.child == "peer" else
+                    lctrain_rows(args.child, lengths, args, device)):
             print(ROW_PREFIX + json.dumps(dataclasses.asdict(row)), flush=True)
         return 0
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (tiny dry run)"
