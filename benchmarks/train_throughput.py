@@ -284,23 +284,26 @@ def isolated_rows(what: str, lengths: list[int], args) -> list[Row]:
                    for T in lengths if T not in measured]
 
 
-def longest_trainable(name: str, start: int, args) -> str:
-    """Double T from ``start`` until one training step runs out of memory; the last T that trained."""
-    good, T = None, start
-    while T <= args.max_T_limit:
+def longest_trainable(name: str, measured: list[Row], args) -> str:
+    """The longest T that trains one step: the table's longest row that trained, then doubling past it until a step
+    runs out of memory (no search when the table's longest length already did)."""
+    trained = [r for r in measured if r.config == name and r.step_ms == r.step_ms]
+    good = max(((r.T, r.peak_gib) for r in trained), default=None)
+    last = max((r for r in measured if r.config == name), key=lambda r: r.T)
+    T, end = last.T * 2, None if last.step_ms == last.step_ms else f"{last.T}: {last.note}"
+    while end is None and T <= args.max_T_limit:
         sub = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "profile": False,
                                                  "no_breakdown": True})
         row = isolated_rows(name, [T], sub)[0]
         if row.note == "out of memory":
             end = f"{T} ran out of memory"
-            break
-        if row.step_ms != row.step_ms:  # NaN: the process failed for another reason
-            return f"longest T of {name}: stopped at {T}: {row.note}"
-        good, T = (T, row.peak_gib), T * 2
-    else:
-        end = f"stopped at the limit {args.max_T_limit} (--max-T-limit)"
-    trained = f"{good[0]} (peak {good[1]:.1f} GiB)" if good else "none"
-    return f"longest T that trained one step of {name}: {trained}; {end}"
+        elif row.step_ms != row.step_ms:  # NaN: the process failed for another reason
+            end = f"stopped at {T}: {row.note}"
+        else:
+            good, T = (T, row.peak_gib), T * 2
+    end = end or f"stopped at the limit {args.max_T_limit} (--max-T-limit)"
+    longest = f"{good[0]} (peak {good[1]:.1f} GiB)" if good else "none"
+    return f"longest T that trained one step of {name}: {longest}; {end}"
 
 
 def print_table(rows: list[Row], gpu: str, ceiling: float, peak: float | None) -> str:
@@ -367,7 +370,7 @@ def main(argv=None) -> int:
     text = print_table(rows, gpu, ceiling, peak)
     if args.max_T:
         for name in args.config or ["gdn_h1_1p3b"]:
-            line = longest_trainable(name, max(lengths) * 2, args)
+            line = longest_trainable(name, rows, args)
             print(line, flush=True)
             text += "\n" + line
     if args.out:
