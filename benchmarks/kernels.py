@@ -19,7 +19,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from harness import Ceilings, Measurement, measure_ceilings, print_table, step_functions, time_ms  # noqa: E402
 from kernel_ops import OpSpec  # noqa: E402
 
-OPS = ["gdn", "gsa", "fftconv", "short_conv", "norms", "swiglu"]
+OPS = ["gdn", "gsa", "fftconv", "short_conv", "norms", "swiglu", "rope"]
 
 
 def benchmark(spec: OpSpec, lengths: list[int], device: torch.device, dtype: torch.dtype, reps: int) -> list[Measurement]:

@@ -1,0 +1,88 @@
+"""Rotary position embedding on sliding-window attention's q or k: lctrain's fused kernel
+(``lctrain.kernels.rope.rope``) against the float32 torch formula the attention layer ran before it
+(``rope_reference``: ~10 elementwise passes and concatenations, the baseline). No peer: fla's rotary kernel takes
+precomputed [T, rot_dim/2] cos/sin tables, a different interface.
+
+Shape: x [T, H = 16, D = 128] bf16 with rot_dim = D, theta 1e4 (configs/gdn_h1_1p3b.yaml's attention: 16 heads of
+128, rope_fraction 1), positions of one document 0 .. T-1. On CPU (--tiny) H = 2, D = 32, rot_dim = 16, float32.
+
+Cost model per element (memory-bound; flops only fill the table): 2 products and a sum per rotated element (3), the
+same in the backward; cos and sin per (token, pair) are 1/H of that and left out. Fewest bytes: each direction reads
+x (dy) and writes y (dx): 2 x 2 bytes per element, plus the int64 positions (8 bytes per token).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import Impl, OpSpec
+
+GPU_SHAPE = (16, 128, 128)  # H, D, rot_dim
+CPU_SHAPE = (2, 32, 16)
+THETA = 10000.0
+
+
+def _shape(device: torch.device) -> tuple[int, int, int]:
+    return GPU_SHAPE if device.type == "cuda" else CPU_SHAPE
+
+
+def make_inputs(T: int, seed: int, device: torch.device, dtype: torch.dtype) -> dict:
+    H, D, _ = _shape(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(T, H, D, generator=gen, device=device).to(dtype)
+    return {"x": x.requires_grad_(), "positions": torch.arange(T, device=device)}
+
+
+def cost(T: int) -> tuple[float, float, float, float]:
+    H, D, _ = GPU_SHAPE
+    elements, elem = T * H * D, 2  # bf16
+    nbytes = 2 * elem * elements + 8 * T
+    return 3 * elements, nbytes, 3 * elements, nbytes
+
+
+def _impl(name: str, op) -> Impl:
+    def forward(x: dict) -> torch.Tensor:
+        return op(x["x"], x["positions"], _shape(x["x"].device)[2], THETA)
+
+    return Impl(name, forward)
+
+
+def _impls() -> list[Impl]:
+    from lctrain.kernels.rope import rope, rope_reference
+
+    return [_impl("lctrain", rope), _impl("torch", rope_reference)]
+
+
+SPEC = OpSpec(name="rope", make_inputs=make_inputs, cost=cost, impls=_impls, baseline="torch")
+
+
+VARIANTS = [{"elements": 2048}, {"elements": 8192}, {"elements": 8192, "warps": 8}, {"elements": 16384, "warps": 8},
+            {"elements": 1024, "warps": 2}]  # overrides of lctrain.kernels.rope.fused.TUNING, for a GPU sweep
+
+
+def profile(T: int = 65536) -> None:
+    """For a GPU session, each line printed as soon as measured: lctrain's fwd and fwd+bwd at T for the default
+    TUNING and each VARIANT. Run from benchmarks/:  python -m kernel_ops.rope [T]"""
+    from harness import step_functions, time_ms
+
+    import lctrain.kernels.rope.fused as fused
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a dry run of the script
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
+    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+    fwd, fwd_bwd = step_functions(_impls()[0].forward, sets)
+    defaults = fused.TUNING
+    for overrides in [{}] + VARIANTS:
+        fused.TUNING = dataclasses.replace(defaults, **overrides)
+        f, fb = time_ms(fwd, rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
+        print(f"  rope [T={T}, {_shape(device)[:2]}] {fused.TUNING}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+    fused.TUNING = defaults
+
+
+if __name__ == "__main__":
+    import sys
+
+    profile(*(int(a) for a in sys.argv[1:2]))
