@@ -57,8 +57,8 @@ def _impls() -> list[Impl]:
 SPEC = OpSpec(name="rope", make_inputs=make_inputs, cost=cost, impls=_impls, baseline="torch")
 
 
-VARIANTS = [{"elements": 2048}, {"elements": 8192}, {"elements": 8192, "warps": 8}, {"elements": 16384, "warps": 8},
-            {"elements": 1024, "warps": 2}]  # overrides of lctrain.kernels.rope.fused.TUNING, for a GPU sweep
+VARIANTS = [{"warps": 4}, {"elements": 2048, "warps": 4}, {"elements": 2048}, {"elements": 8192},
+            {"elements": 1024, "warps": 4}]  # overrides of lctrain.kernels.rope.fused.TUNING, for a GPU sweep
 
 
 def profile(T: int = 65536) -> None:

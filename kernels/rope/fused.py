@@ -42,8 +42,12 @@ class Blocks:
 
 
 # CUDA blocks, not yet timed on a GPU: at [65536, 16, 128] 32 tokens per program (2048 programs, each moving 16
-# heads x 8 KB), 16 rotated pairs per thread and head step over 4 warps. benchmarks/kernel_ops/rope.py sweeps others.
-TUNING = Blocks(elements=4096, warps=4)
+# heads x 8 KB), 8 rotated pairs per thread and head step (one 16-byte load of x1 and one of x2) over 8 warps.
+# sm_90 offline compile (triton 3.9, bf16, strides divisible by 16, rot_dim = D = 128), both directions: 64
+# registers (4 CTAs, 32 warps per SM), one 4-byte spill outside the head loop, every load and store of x and y
+# 16-byte vectorised; at 4 warps (16 pairs per thread) 116 registers (16 warps per SM), at 64 tokens / 4 warps
+# 156 with real spills. benchmarks/kernel_ops/rope.py sweeps other blocks.
+TUNING = Blocks(elements=4096, warps=8)
 # Under the interpreter each program costs milliseconds: few, large blocks (a test's tensor is one).
 INTERPRETER_TUNING = Blocks(elements=1 << 16, warps=1)
 
