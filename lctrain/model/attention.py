@@ -87,11 +87,17 @@ def _flex_length(n: int) -> int:
     return -(-n // FLEX_BLOCK) * FLEX_BLOCK
 
 
-def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None):
-    """The block-sparse mask over the padded lengths. Padding tokens are of document -2 (no real token's): padded
-    queries see only padded keys, so the mask's captured tensors are read only inside their padded extents."""
+def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None, block: int | None = None):
+    """The block-sparse mask over the padded lengths: a query sees the keys of its document at positions up to its
+    own (and within ``window`` of it). ``block`` W further confines queries and keys to the same W-token span of the
+    row (qi // W == ki // W: the Block-State Transformer's in-block attention), which needs the keys to be the
+    queries' own tokens. Padding tokens are of document -2 (no real token's): padded queries see only padded keys,
+    so the mask's captured tensors are read only inside their padded extents."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if block is not None and q_doc.shape != k_doc.shape:
+        raise ValueError(f"flex_block_mask with block={block} needs keys that are the queries' own tokens, "
+                         f"got {q_doc.shape[1]} queries and {k_doc.shape[1]} keys per row")
     lq, lk = _flex_length(q_doc.shape[1]), _flex_length(k_doc.shape[1])
     q_doc, k_doc = _padded(q_doc, lq, -2), _padded(k_doc, lk, -2)
     q_pos, k_pos = _padded(q_pos, lq, 0), _padded(k_pos, lk, 0)
@@ -100,6 +106,8 @@ def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None):
         same = (q_doc[b, qi] == k_doc[b, ki]) & (k_pos[b, ki] <= q_pos[b, qi])
         if window is not None:
             same = same & (q_pos[b, qi] - k_pos[b, ki] < window)
+        if block is not None:
+            same = same & (qi // block == ki // block)
         return same
 
     return create_block_mask(visible, q_doc.shape[0], None, lq, lk, device=q_doc.device, _compile=True)

@@ -30,6 +30,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import BlockStateConfig
 from lctrain.kernels.ssm_fft import s4d_ssm, s4d_transition
+from lctrain.model.attention import flex_attention_documents, flex_block_mask
 from lctrain.model.layout import TokenLayout
 from lctrain.parallel.state_passing import EntryPass, run_recurrence
 
@@ -65,6 +66,31 @@ class S4DRecurrence:
     @staticmethod
     def apply_transition(transition, state):
         return torch.view_as_real(torch.view_as_complex(transition.contiguous()) * torch.view_as_complex(state.contiguous()))
+
+
+def in_block_attention(q, k, v, layout: TokenLayout, block: int, flex: bool) -> torch.Tensor:
+    """Self-attention inside each W-token block of the rows: a query sees the keys of its block and its document at
+    positions up to its own. q, k, v [rows, row_len, H, D] -> [rows, row_len, H, D]; row_len a multiple of W.
+
+    flex: flex_attention with a block-sparse mask (block-diagonal: W x W squares, each causal), built once per layout
+    and block size and kept in layout.cache; nothing of size W x W per block is materialised, and the kernel skips the
+    128 x 128 tiles outside the squares. Otherwise (flex has no CPU backward): SDPA over the blocks with a materialised
+    [W, W] mask per block (a boolean mask keeps CUDA's SDPA off its flash kernels, hence flex there).
+    """
+    rows, n, heads, dim = q.shape
+    doc, pos = layout.doc_ids.view(rows, n), layout.positions.view(rows, n)
+    scale = dim ** -0.5
+    if flex:
+        key = ("flex_mask_in_blocks", block)
+        if key not in layout.cache:
+            layout.cache[key] = flex_block_mask(doc, pos, doc, pos, None, block=block)
+        return flex_attention_documents(q, k, v, layout.cache[key], scale)
+    fold = lambda t: t.reshape(rows * (n // block), block, *t.shape[2:])  # noqa: E731
+    doc, pos = fold(doc), fold(pos)
+    visible = (doc[:, None, :, None] == doc[:, None, None, :]) & (pos[:, None, None, :] <= pos[:, None, :, None])
+    out = F.scaled_dot_product_attention(fold(q).transpose(1, 2), fold(k).transpose(1, 2), fold(v).transpose(1, 2),
+                                         attn_mask=visible, scale=scale)
+    return out.transpose(1, 2).reshape(rows, n, heads, dim)
 
 
 class BlockStateLayer(MegatronModule):
@@ -141,17 +167,18 @@ class BlockStateLayer(MegatronModule):
 
     def forward(self, x: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         rows, n, w = layout.rows, layout.row_len, self.block
+        if n % w:
+            raise ValueError(f"block_state.block_size={w} must divide the tokens per row and rank ({n}): "
+                             "blocks may not straddle rows or context-parallel ranks")
         blocks, h, hd = n // w, self.heads, self.head_dim
         context, context_doc = self.context_states(x, layout)
         # Fused projections hold [part_1; part_2; ...] per rank (stride): split the parts first, then the heads.
-        q, k, v = (t.reshape(rows, blocks, w, h, hd) for t in self.qkv_proj(x)[0].chunk(3, dim=-1))
+        q, k, v = (t.reshape(rows, n, h, hd) for t in self.qkv_proj(x)[0].chunk(3, dim=-1))
+        # Self-attention inside each block: causal, same document. Blocks are W-token spans of the rank's own tokens
+        # (row_len % W == 0, and config checks the same per context-parallel rank), so it needs no other rank's keys.
+        own = in_block_attention(q, k, v, layout, w, flex=x.device.type == "cuda").reshape(rows, blocks, w, h * hd)
+        q = q.view(rows, blocks, w, h, hd)
         doc = layout.doc_ids.view(rows, blocks, w)
-        pos = layout.positions.view(rows, blocks, w)
-        # Self-attention inside each block: causal, same document.
-        visible = (doc[..., :, None] == doc[..., None, :]) & (pos[..., None, :] <= pos[..., :, None])
-        fold = lambda t: t.reshape(rows * blocks, w, h, hd).transpose(1, 2)  # noqa: E731
-        own = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), attn_mask=visible.reshape(rows * blocks, 1, w, w))
-        own = own.transpose(1, 2).reshape(rows, blocks, w, h * hd)
         # Cross-attention to the block's S context states, seen only by tokens of the document they summarise.
         ck, cv = (t.reshape(rows, blocks, self.num_states, h, hd)
                   for t in self.context_kv_proj(context.reshape(1, -1, context.shape[-1]))[0].chunk(2, dim=-1))
