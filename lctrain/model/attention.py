@@ -22,23 +22,10 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from lctrain.config import AttentionConfig
+from lctrain.kernels.rope import rope
 from lctrain.model.layout import TokenLayout
 from lctrain.model.norm import RMSNorm
 from lctrain.model.tp import replicated_parameter
-
-
-def rotary(x: torch.Tensor, positions: torch.Tensor, rot_dim: int, theta: float) -> torch.Tensor:
-    """RoPE on the first ``rot_dim`` channels of x [..., L, H, D] with positions [..., L] (rotate-half convention)."""
-    if rot_dim == 0:
-        return x
-    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, device=x.device, dtype=torch.float32) / rot_dim)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., L, rot_dim / 2]
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[..., None, :]
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[..., None, :]
-    x_rot, x_pass = x[..., :rot_dim].float(), x[..., rot_dim:]
-    half = rot_dim // 2
-    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], -1)
-    return torch.cat([(x_rot * cos + rotated * sin).to(x.dtype), x_pass], -1)
 
 
 def blockwise_attention(q, k, v, q_doc, q_pos, k_doc, k_pos, window: int | None, scale: float, block: int = 256):
@@ -110,7 +97,11 @@ def flex_block_mask(q_doc, q_pos, k_doc, k_pos, window: int | None, block: int |
             same = same & (qi // block == ki // block)
         return same
 
-    return create_block_mask(visible, q_doc.shape[0], None, lq, lk, device=q_doc.device, _compile=True)
+    # Compiled on CUDA (eager evaluation materialises lq x lk booleans). The CPU path is for tests at small lengths:
+    # eager there, since a second compile in one process (another length) hit a C++ codegen error in inductor's CPU
+    # backend (torch 2.13: '?:' on VecMask<int> and VecMask<float>).
+    return create_block_mask(visible, q_doc.shape[0], None, lq, lk, device=q_doc.device,
+                             _compile=q_doc.device.type == "cuda")
 
 
 def flex_attention_documents(q, k, v, block_mask, scale: float):
@@ -185,8 +176,9 @@ class Attention(MegatronModule):
             q, k = self.q_norm(q), self.k_norm(k)
         q_pos = layout.positions.view(rows, n)
         q_doc = layout.doc_ids.view(rows, n)
-        q = rotary(q, q_pos, self.rot_dim, self.cfg.rope_theta)
-        k = rotary(k, q_pos, self.rot_dim, self.cfg.rope_theta)
+        # RoPE (rotate-half) on the first rot_dim channels: one fused kernel each way on GPU (lctrain.kernels.rope)
+        q = rope(q, q_pos, self.rot_dim, self.cfg.rope_theta)
+        k = rope(k, q_pos, self.rot_dim, self.cfg.rope_theta)
         k_doc, k_pos = q_doc, q_pos
         if layout.context is not None:  # keys held by earlier ranks of the context-parallel group
             k, v, k_doc, k_pos = layout.context.earlier_keys(k, v, q_doc, q_pos, self.window)
