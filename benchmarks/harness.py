@@ -71,6 +71,27 @@ class Ceilings:
     copy_gbs: float  # device-to-device copy, bytes read + written, measured
 
 
+def tuning_sweep(fused, variants: Sequence[dict], forward: Callable[[dict], object],
+                 make_inputs: Callable, T: int, label: str) -> None:
+    """For a GPU session, each line printed as soon as measured: fwd and fwd+bwd of ``forward`` at T under the kernel
+    module's default ``fused.TUNING`` (a dataclass) and under each variant (overrides of its fields); the default is
+    restored after. On CPU a dry run of the same code (float32)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
+    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
+    fwd, fwd_bwd = step_functions(forward, sets)
+    defaults = fused.TUNING
+    try:
+        for overrides in [{}] + list(variants):
+            fused.TUNING = dataclasses.replace(defaults, **overrides)
+            f, fb = time_ms(fwd, rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
+            print(f"  {label} [T={T}] {fused.TUNING}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+    finally:
+        fused.TUNING = defaults
+
+
 def measure_ceilings() -> Ceilings:
     if not torch.cuda.is_available():
         return Ceilings(float("nan"), float("nan"))

@@ -12,7 +12,6 @@ x (dy) and writes y (dx): 2 x 2 bytes per element, plus the int64 positions (8 b
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -62,24 +61,13 @@ VARIANTS = [{"warps": 4}, {"elements": 2048, "warps": 4}, {"elements": 2048}, {"
 
 
 def profile(T: int = 65536) -> None:
-    """For a GPU session, each line printed as soon as measured: lctrain's fwd and fwd+bwd at T for the default
-    TUNING and each VARIANT. Run from benchmarks/:  python -m kernel_ops.rope [T]"""
-    from harness import step_functions, time_ms
+    """lctrain's fwd and fwd+bwd at T for the default TUNING and each VARIANT, each line printed as measured (a GPU
+    session's sweep). Run from benchmarks/:  python -m kernel_ops.rope [T]"""
+    from harness import tuning_sweep
 
     import lctrain.kernels.rope.fused as fused
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a dry run of the script
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
-    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
-    fwd, fwd_bwd = step_functions(_impls()[0].forward, sets)
-    defaults = fused.TUNING
-    for overrides in [{}] + VARIANTS:
-        fused.TUNING = dataclasses.replace(defaults, **overrides)
-        f, fb = time_ms(fwd, rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
-        print(f"  rope [T={T}, {_shape(device)[:2]}] {fused.TUNING}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-    fused.TUNING = defaults
+    tuning_sweep(fused, VARIANTS, _impls()[0].forward, make_inputs, T, "rope")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ reads g, u and dh, writes dg and du (5 x 2 bytes).
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -68,24 +67,13 @@ VARIANTS = [  # overrides of lctrain.kernels.swiglu.fused.TUNING, for a GPU sess
 
 
 def profile(T: int = 65536) -> None:
-    """For a GPU session, each line printed as soon as measured: lctrain's fwd and fwd+bwd at T for the default
-    TUNING and each VARIANT. Run from benchmarks/:  python -m kernel_ops.swiglu [T]"""
-    from harness import step_functions, time_ms
+    """lctrain's fwd and fwd+bwd at T for the default TUNING and each VARIANT, each line printed as measured (a GPU
+    session's sweep). Run from benchmarks/:  python -m kernel_ops.swiglu [T]"""
+    from harness import tuning_sweep
 
     import lctrain.kernels.swiglu.fused as fused
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: a dry run of the script
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"on {name}, torch {torch.__version__}, triton {__import__('triton').__version__}", flush=True)
-    sets = [make_inputs(T, seed, device, dtype) for seed in range(3)]
-    fwd, fwd_bwd = step_functions(_lctrain().forward, sets)
-    defaults = fused.TUNING
-    for overrides in [{}] + VARIANTS:
-        fused.TUNING = dataclasses.replace(defaults, **overrides)
-        f, fb = time_ms(fwd, rotate=len(sets)), time_ms(fwd_bwd, rotate=len(sets))
-        print(f"  swiglu [T={T}, 2 x {_ffn(device)}] {fused.TUNING}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-    fused.TUNING = defaults
+    tuning_sweep(fused, VARIANTS, _lctrain().forward, make_inputs, T, "swiglu")
 
 
 if __name__ == "__main__":
