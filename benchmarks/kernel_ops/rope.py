@@ -12,7 +12,6 @@ x (dy) and writes y (dx): 2 x 2 bytes per element, plus the int64 positions (8 b
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import Impl, OpSpec

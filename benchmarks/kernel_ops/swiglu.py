@@ -12,7 +12,6 @@ reads g, u and dh, writes dg and du (5 x 2 bytes).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
