@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import statistics
 import subprocess
@@ -287,17 +288,17 @@ def isolated_rows(what: str, lengths: list[int], args) -> list[Row]:
 def longest_trainable(name: str, measured: list[Row], args) -> str:
     """The longest T that trains one step: the table's longest row that trained, then doubling past it until a step
     runs out of memory (no search when the table's longest length already did)."""
-    trained = [r for r in measured if r.config == name and r.step_ms == r.step_ms]
+    trained = [r for r in measured if r.config == name and not math.isnan(r.step_ms)]
     good = max(((r.T, r.peak_gib) for r in trained), default=None)
     last = max((r for r in measured if r.config == name), key=lambda r: r.T)
-    T, end = last.T * 2, None if last.step_ms == last.step_ms else f"{last.T}: {last.note}"
+    T, end = last.T * 2, f"{last.T}: {last.note}" if math.isnan(last.step_ms) else None
     while end is None and T <= args.max_T_limit:
         sub = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 0, "profile": False,
                                                  "no_breakdown": True})
         row = isolated_rows(name, [T], sub)[0]
         if row.note == "out of memory":
             end = f"{T} ran out of memory"
-        elif row.step_ms != row.step_ms:  # NaN: the process failed for another reason
+        elif math.isnan(row.step_ms):  # not measured: the process failed for another reason
             end = f"stopped at {T}: {row.note}"
         else:
             good, T = (T, row.peak_gib), T * 2
