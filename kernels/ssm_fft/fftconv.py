@@ -318,11 +318,12 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
     last = tl.minimum(first + items_per_program, batch * channels)
     factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
-    row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)  # int64 offsets: B C SEQ may pass 2^31
+    row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)
     for item in range(first, last):
         c = item // batch
-        k_row = k_rows + (row + c * SEQ)
-        offset = row + ((item % batch) * channels + c) * SEQ
+        # int64 before the product: c SEQ passes 2^31 from 8192 channels at T = 131072
+        k_row = k_rows + (row + c.to(tl.int64) * SEQ)
+        offset = row + ((item % batch) * channels + c).to(tl.int64) * SEQ
         kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
         ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors)
         yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
@@ -350,9 +351,9 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
     for item in range(first, last):
         c = item // batch
         b = item % batch
-        k_row = k_rows + (row + c * SEQ)
-        dk_row = dk_rows + (row + c * SEQ)
-        dy_row = dy_rows + (row + (b * channels + c) * SEQ)
+        k_row = k_rows + (row + c.to(tl.int64) * SEQ)
+        dk_row = dk_rows + (row + c.to(tl.int64) * SEQ)
+        dy_row = dy_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
         gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors)
         if NEED_DU:  # DY conj(K)
             kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
@@ -360,7 +361,7 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
             tl.store(dy_row + tile, dur)
             tl.store(dy_row + M + tile, dui)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
-            u_row = u_rows + (row + (b * channels + c) * SEQ)
+            u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
             ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), *factors)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui

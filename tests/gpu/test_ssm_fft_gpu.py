@@ -51,6 +51,25 @@ def test_causal_fft_conv_float32_benchmark_shape():
     print("float32, T=65536, C=2048:", errors)
 
 
+def test_causal_fft_conv_offsets_past_int32():
+    """BST's shape at T = 131072 (8192 channels): the row buffers hold more than 2^31 floats, so offsets must be
+    64-bit (an int32 channel x row-length product corrupted memory there). Depthwise, so the last channels, the
+    ones past 2^31, are checked against the float64 path run on those channels alone."""
+    length, channels, last = 131072, 8192, 3
+    inputs = conv_inputs(1, length, channels, length, torch.bfloat16, seed=5)
+    u, k = (x.requires_grad_() for x in inputs.values())
+    dy = torch.randn(1, length, channels, device="cuda", dtype=torch.bfloat16)
+    y = causal_fft_conv(u, k)
+    du, dk = torch.autograd.grad(y, (u, k), dy)
+    u64 = u.detach()[..., -last:].double().requires_grad_()
+    k64 = k.detach()[-last:].double().requires_grad_()
+    y64 = causal_fft_conv_torch(u64, k64)
+    du64, dk64 = torch.autograd.grad(y64, (u64, k64), dy[..., -last:].double())
+    for name, fast, exact in (("y", y[..., -last:], y64), ("du", du[..., -last:], du64), ("dk", dk[-last:], dk64)):
+        error = ((fast.double() - exact).norm() / exact.norm()).item()
+        assert error <= 1e-2, f"{name}: relative error {error:.3e} in the channels past 2^31 row-buffer floats"
+
+
 def test_s4d_ssm_documents_bf16():
     gen = torch.Generator(device="cuda").manual_seed(3)
     H, N = 32, 16
