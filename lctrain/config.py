@@ -55,7 +55,9 @@ class AttentionConfig:
     rope_fraction: float = 1.0  # RoPE on the first fraction of each head's channels (Qwen3-Next: 0.25)
     qk_norm: bool = False  # RMSNorm of each head's query and key (Qwen3-Next: true)
     output_gate: bool = False  # o * sigmoid(gate), gate projected with the query (Qwen3-Next: true)
-    backend: Literal["auto", "flex", "blockwise"] = "auto"  # auto: flex_attention on CUDA, blockwise SDPA on CPU
+    # symbols * and W only (auto: flex_attention on CUDA, blockwise SDPA on CPU); BST's in-block attention (B) always
+    # takes flex on CUDA and SDPA per block elsewhere, since its blocks share the sliding window's mask builder
+    backend: Literal["auto", "flex", "blockwise"] = "auto"
 
 
 @dataclass
