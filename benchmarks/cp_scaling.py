@@ -82,7 +82,7 @@ def _build_model(config, device, dtype):
 
     torch.manual_seed(0)
     model = HybridModel(config.model, transformer_config(config.model)).to(device, dtype)
-    model.activation_checkpointing = config.train.activation_checkpointing
+    model.set_checkpointing(config.train)
     return model.train()
 
 

@@ -84,7 +84,7 @@ def lctrain_rows(name: str, lengths: list[int], args, device) -> Iterator[Row]:
     bf16 = device.type == "cuda"
     torch.manual_seed(0)
     model = HybridModel(config.model, transformer_config(config.model))
-    model.activation_checkpointing = config.train.activation_checkpointing
+    model.set_checkpointing(config.train)
     model.to(device)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, config, device),
                                       config=deepspeed_config(config, bf16), dist_init_required=False)
@@ -171,7 +171,7 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
     layout = layout_from_cu_seqlens(torch.tensor([0, T]), 1, T).to(device)
     x = torch.randn(1, T, config.model.hidden_size, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn_like(x)
-    recompute = config.train.activation_checkpointing != "none"  # offload's copies not timed here
+    checkpointed = config.train.activation_checkpointing != "none"  # offload's copies not timed here
     times: dict[str, tuple[float, int]] = {}
     seen: dict[str, int] = {}
     for layer in module.layers:
@@ -183,6 +183,7 @@ def component_times(module, config, T: int, device) -> dict[str, tuple[float, in
 
     def run(layer, *inputs):
         params = [p for p in layer.parameters() if p.requires_grad]
+        recompute = checkpointed and getattr(layer, "symbol", None) not in set(config.train.activation_checkpointing_skip)
         out = checkpoint(layer, x, *inputs, use_reentrant=False) if recompute else layer(x, *inputs)
         torch.autograd.grad(out, [x] + params, grad)  # captured, not accumulated into .grad
 

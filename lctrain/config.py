@@ -139,6 +139,10 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # block: recompute each sublayer in backward; block_offload: the same, each sublayer's input waiting in host memory
     activation_checkpointing: Literal["none", "block", "block_offload"] = "none"
+    # pattern symbols whose sublayers keep their activations on the GPU instead (no recompute, more memory), e.g. "W":
+    # the attention's forward is the costliest to recompute per byte it keeps (benchmarks/NOTES.md, "Checkpointing
+    # all but chosen sublayers"); without checkpointing it changes nothing
+    activation_checkpointing_skip: str = ""
     loss_chunk_tokens: int = 4096  # loss computed over this many tokens at a time: full logits never materialise
     eval_interval: int = 50  # 0 disables evaluation
     eval_steps: int = 4
@@ -354,6 +358,9 @@ def check_config(c: RunConfig, world_size: int | None = None) -> None:
         _require(value >= 0, f"config key '{key}' must be >= 0, got {value}")
     _require(t.lr > 0 and 0 <= t.min_lr <= t.lr, f"train.lr must be > 0 and 0 <= train.min_lr <= train.lr; got lr={t.lr}, min_lr={t.min_lr}")
     _require(0 <= d.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {d.eval_fraction}")
+    for s in t.activation_checkpointing_skip:
+        _require(s in m.pattern, f"train.activation_checkpointing_skip has symbol {s!r}, which model.pattern "
+                 f"{m.pattern!r} does not use; allowed: symbols of the pattern ({''.join(sorted(set(m.pattern)))})")
     cp = p.context_parallel_size
     _require(d.seq_len % (m.chunk_size * cp) == 0,
              f"data.seq_len={d.seq_len} must be divisible by model.chunk_size x parallel.context_parallel_size = "

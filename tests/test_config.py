@@ -41,6 +41,7 @@ def test_overrides_are_typed():
     ("train.min_lr=1", ["min_lr"]),
     ("checkpoint.resume=/no/such/dir", ["checkpoint.resume"]),
     ("model.attention.window=0", ["window"]),
+    ("train.activation_checkpointing_skip=Z", ["train.activation_checkpointing_skip", "'Z'", "allowed"]),
     ("nonsense", ["--set", "dotted.key=value"]),
 ])
 def test_bad_values_name_the_key(override, words):

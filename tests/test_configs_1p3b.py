@@ -27,7 +27,7 @@ def test_config_trains_two_steps_scaled_down(parallel_1, name, monkeypatch):
     assert config.model.pattern == full.model.pattern
     torch.manual_seed(0)
     model = HybridModel(config.model, transformer_config(config.model))
-    model.activation_checkpointing = config.train.activation_checkpointing
+    model.set_checkpointing(config.train)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids = torch.randint(0, config.model.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lctrain.config import load_config
+from lctrain.config import TrainConfig, load_config
 from lctrain.model.attention import blockwise_attention
 from lctrain.model.hybrid import HybridModel, transformer_config
 from lctrain.model.layout import layout_from_cu_seqlens
@@ -80,20 +80,25 @@ def test_hybrid_pattern_loss_falls(parallel_1):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("mode", ["block", "block_offload"])
-def test_activation_checkpointing_gives_the_same_gradients(parallel_1, mode, monkeypatch):
-    """Recomputing each sublayer in backward (its input kept on the device, or in host memory) changes neither the
-    loss nor any gradient (torch paths of the kernels: the interpreter adds nothing to this check)."""
+@pytest.mark.parametrize("mode, skip", [("block", ""), ("block_offload", ""), ("block", "W"), ("block_offload", "W-")])
+def test_activation_checkpointing_gives_the_same_gradients(parallel_1, mode, skip, monkeypatch):
+    """Recomputing each sublayer in backward (its input kept on the device, or in host memory), except those of the
+    skipped symbols, changes neither the loss nor any gradient (torch paths of the kernels: the interpreter adds
+    nothing to this check); exactly the checkpointed sublayers run their forward twice."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ids = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
     results = []
     for checkpointing in ("none", mode):
         model = tiny_model("G-W-S-").train()
-        model.activation_checkpointing = checkpointing
+        model.set_checkpointing(TrainConfig(activation_checkpointing=checkpointing, activation_checkpointing_skip=skip))
+        calls = [0] * len(model.layers)
+        for i, layer in enumerate(model.layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
         loss, count = model(ids, packed_layout(), labels, loss_chunk_tokens=16)
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert calls == [1 if layer.symbol in skip else 2 for layer in model.layers], calls
     (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
     assert torch.equal(loss_plain, loss_ckpt)
     assert grads_plain.keys() == grads_ckpt.keys() and all(g is not None for g in grads_ckpt.values())

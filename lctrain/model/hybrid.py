@@ -17,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from torch.utils.checkpoint import checkpoint
 
-from lctrain.config import ModelConfig
+from lctrain.config import ModelConfig, TrainConfig
 from lctrain.model.layout import TokenLayout
 from lctrain.model.loss import chunked_cross_entropy
 from lctrain.model.norm import RMSNorm
@@ -92,6 +92,11 @@ class HybridModel(MegatronModule):
             self.output = ColumnParallelLinear(config.hidden_size, self.padded_vocab_size, config=config,
                                                init_method=config.init_method, bias=False, gather_output=False)
         self.activation_checkpointing = "none"  # train.activation_checkpointing: none, block or block_offload
+        self.activation_checkpointing_skip = ""  # train.activation_checkpointing_skip: symbols never checkpointed
+
+    def set_checkpointing(self, train: TrainConfig) -> None:
+        self.activation_checkpointing = train.activation_checkpointing
+        self.activation_checkpointing_skip = train.activation_checkpointing_skip
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -103,7 +108,9 @@ class HybridModel(MegatronModule):
         mode = self.activation_checkpointing if self.training and torch.is_grad_enabled() else "none"
         chain: list = []  # block_offload's sublayers of this forward, in order
         for layer in self.layers:
-            if mode == "block":
+            if layer.symbol in self.activation_checkpointing_skip:
+                h = layer(h, layout)
+            elif mode == "block":
                 h = checkpoint(layer, h, layout, use_reentrant=False)
             elif mode == "block_offload":
                 h = HostOffloadedSublayer.apply(h, layer, layout, chain, *trainable_parameters(layer))

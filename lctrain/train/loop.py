@@ -140,7 +140,7 @@ def train(config: RunConfig, hooks: TrainHooks | None = None) -> dict:
         write_text_atomic(run_dir / "config.yaml", dump_config(config))
     torch.manual_seed(config.train.seed)
     model = HybridModel(config.model, transformer_config(config.model, par.tensor_parallel_size, par.context_parallel_size))
-    model.activation_checkpointing = config.train.activation_checkpointing
+    model.set_checkpointing(config.train)
     if config.checkpoint.init_from:  # weights from `lctrain import-hf`; a checkpoint resumed below replaces them
         from lctrain.hf.weights import load_full_state
 
