@@ -38,18 +38,41 @@ def test_causal_fft_conv_every_plan(fft_size, tile):
     compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 45, 1, 30, seed=1), TOL)
 
 
-def test_causal_fft_conv_gpu_column_tiles(monkeypatch):
+@pytest.mark.parametrize("rows_group", [16, 1])
+def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
     """The GPU's 64-column rows tiles (the interpreter otherwise takes wide ones), time- and channel-major, with a
-    partial channel tile."""
+    partial channel tile; the default tile order (groups of 16 n23 tiles) and channel-first."""
     monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 64)
-    compare_with_reference(causal_fft_conv, causal_conv_reference, conv_inputs(1, 21, 9, 21, seed=2), TOL)
+    plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1)
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 21, 9, 21, seed=2), TOL)
 
 
-def test_causal_fft_conv_one_gradient():
-    """Only du, or only dk, asked for: the backward skips the other product."""
-    inputs = conv_inputs(1, 30, 2, 30, seed=3)
+@pytest.mark.parametrize("keep_rows", [False, True])
+def test_causal_fft_conv_one_gradient(keep_rows):
+    """Only du, or only dk, asked for: the backward skips the other product (from recomputed rows or from the
+    forward's kept spectra), batch 2."""
+    plan = fftconv.fft_plan(30, keep_rows=keep_rows)
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    inputs = conv_inputs(2, 30, 2, 30, seed=3)
     for name in ("u", "k"):
-        compare_with_reference(causal_fft_conv, causal_conv_reference, inputs, TOL, grad_names=[name])
+        compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
+
+
+def test_default_plan_keeps_spectra_only_for_a_backward():
+    u, k = torch.randn(1, 40, 2), torch.randn(2, 40)
+    assert not fftconv.default_plan(u, k).keep_rows  # nothing requires grad
+    assert fftconv.default_plan(u, k.requires_grad_()).keep_rows  # no device memory budget on CPU
+    with torch.no_grad():
+        assert not fftconv.default_plan(u, k).keep_rows
+    with pytest.raises(ValueError, match="rows_group must be a power of two"):
+        fftconv.fft_plan(40, rows_group=3)
 
 
 def test_torch_fft_path_matches_direct_sum(monkeypatch):

@@ -12,9 +12,9 @@ Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually 
   fwd: FFT(u), FFT(k), IFFT(y) + 1 product;  bwd: FFT(dy), FFT(u), FFT(k), IFFT(du), IFFT(dk) + 2 products.
 Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
 
-``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (the
-spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's row buffers kept for the backward) and the stages of
-the default one, on the same GPU.
+``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (FFTPlan
+fields: the spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's spectra kept for the backward or not; the
+rows stages' tile order and register caps) and the stages of each, on the same GPU.
 """
 from __future__ import annotations
 
@@ -72,14 +72,25 @@ SPEC = OpSpec(name="fftconv", tiny_lengths=[64],
 SPEC_BF16 = dataclasses.replace(SPEC, make_inputs=_make_inputs(torch.bfloat16), cost=_cost(2),
                                 input_dtype=torch.bfloat16)
 
-# Tuning variants of the Triton path (FFTPlan fields), each timed against the default at one length.
-VARIANTS = {"tile 32x16": dict(tile=512), "keep rows": dict(keep_rows=True)}
+# Tuning variants of the Triton path: FFTPlan fields changed from the default plan (default_plan), each timed
+# against the default at one length.
+VARIANTS = {"recompute rows": dict(keep_rows=False),
+            "rows n23-first (group 128)": dict(rows_group=128),
+            "rows group 4": dict(rows_group=4),
+            "rows channel-first (group 1)": dict(rows_group=1),
+            "rows maxnreg 128": dict(rows_maxnreg=128),
+            "spectral maxnreg 168": dict(spectral_maxnreg=168),
+            "tile 32x16": dict(tile=512)}
 
 
 def _variant_impls() -> list[Impl]:
     def variant(options):
         def forward(x):
-            plan = triton_fftconv.fft_plan(x["u"].shape[1], **options)
+            plan = triton_fftconv.default_plan(x["u"], x["k"])
+            if "tile" in options:
+                plan = triton_fftconv.fft_plan(x["u"].shape[1], tile=options["tile"], keep_rows=plan.keep_rows)
+            else:
+                plan = dataclasses.replace(plan, **options)
             return triton_fftconv.CausalFFTConvFunction.apply(x["u"], x["k"], plan, None)
 
         return forward
@@ -89,8 +100,9 @@ def _variant_impls() -> list[Impl]:
 
 
 def _stage_times(T: int, device: torch.device) -> list[str]:
-    """Milliseconds of each kernel of the default plan, fwd and bwd (float32 inputs; du is written over dy's rows,
-    so those drift from call to call: the timing does not depend on the values)."""
+    """Milliseconds of each kernel, fwd and bwd (float32 inputs; the in-place stages overwrite their inputs, so the
+    values drift from call to call: the timing does not depend on them). The rows stages of the time-major signals
+    under every tile order (rows_group) and register cap; the spectral ones with and without kept spectra."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -102,16 +114,26 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     dy_rows, y_rows, dk_rows = u_rows.clone(), torch.empty_like(u_rows), torch.empty_like(k_rows)
     y = torch.empty_like(u)
     dk = torch.empty_like(k)
-    stages = {
-        "rows_dft u [T, C]": lambda i: triton_fftconv.rows_dft(S.time_major_of(u), plan),
-        "rows_dft k [C, T]": lambda i: triton_fftconv.rows_dft(S.channel_major_of(k), plan),
-        "spectral product": lambda i: triton_fftconv.spectral_product(u_rows, k_rows, 1, u.shape[2], plan, y_rows),
-        "spectral grad (du, dk)": lambda i: triton_fftconv.spectral_grad(dy_rows, u_rows, k_rows, dk_rows, 1,
-                                                                         u.shape[2], plan, True, True),
-        "rows_idft y [T, C]": lambda i: triton_fftconv.rows_idft(u_rows, S.time_major_of(y), plan),
-        "rows_idft dk [C, T]": lambda i: triton_fftconv.rows_idft(k_rows, S.channel_major_of(dk), plan),
-    }
-    return [f"  {name:24} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]
+    product, grad = triton_fftconv.spectral_product, triton_fftconv.spectral_grad
+    stages = {}
+    for options in (dict(), dict(rows_group=128), dict(rows_group=4), dict(rows_group=1), dict(rows_maxnreg=128)):
+        p = dataclasses.replace(plan, **options)
+        name = ", ".join(f"{key} {value}" for key, value in p.__dict__.items() if key in ("rows_group", "rows_maxnreg"))
+        stages[f"rows_dft u [T, C] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.time_major_of(u), p)
+        stages[f"rows_idft y [T, C] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(u_rows, S.time_major_of(y), p)
+        stages[f"rows_dft k [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.channel_major_of(k), p)
+        stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(k_rows, S.channel_major_of(dk),
+                                                                                          p)
+    capped = dataclasses.replace(plan, spectral_maxnreg=168)
+    for label, p in (("", plan), (", maxnreg 168", capped)):
+        stages[f"spectral product{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
+        stages[f"spectral product, keeping spectra{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p,
+                                                                                    y_rows, True)
+        stages[f"spectral grad (du, dk){label}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2],
+                                                                       p, True, True)
+        stages[f"spectral grad, kept spectra{label}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1,
+                                                                            u.shape[2], p, True, True, True)
+    return [f"  {name:52} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]
 
 
 def main(argv=None) -> int:
@@ -128,7 +150,7 @@ def main(argv=None) -> int:
     rows = benchmark(variants, [args.T], device, torch.float32, reps=20)
     print_table(rows, measure_ceilings(), f"== fftconv tuning variants on {torch.cuda.get_device_name()}, "
                                          f"float32 inputs", baseline_impl="lctrain")
-    print(f"stages of the default plan {triton_fftconv.fft_plan(args.T)} at T={args.T}, C={CHANNELS}:")
+    print(f"stages at T={args.T}, C={CHANNELS}, plan {triton_fftconv.fft_plan(args.T)} with the options named:")
     print("\n".join(_stage_times(args.T, device)))
     return 0
 

@@ -36,7 +36,8 @@ exact integer phases (k n mod R). Tensor-core operands are float32 (tf32 on GPUs
 transform stages: relative error 4.6e-3 measured on an H100 at T = 65536 for y, du and dk; the CPU interpreter
 multiplies in exact float32); inputs may be bfloat16 or float32, every accumulation and every intermediate is
 float32. The memory traffic: with X the bytes of one float32 [T, C] signal,
-the forward moves 15 X (u, k read; two row buffers of 2 X written and read; y written) and the backward 25 X.
+the forward moves 15 X (u, k read; two row buffers of 2 X written and read; y written) and the backward 25 X;
+keeping the spectra (FFTPlan.keep_rows) makes it 19 X + 19 X.
 """
 from __future__ import annotations
 
@@ -60,13 +61,19 @@ _TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (64, 16)}
 class FFTPlan:
     """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
 
-    keep_rows: see CausalFFTConvFunction."""
+    keep_rows: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of this many
+    consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg,
+    spectral_maxnreg: register caps per thread for the rows and the spectral kernels (None: the compiler's choice;
+    a cap lets more programs share an SM, at the price of spills)."""
 
     n: int
     r1: int
     r2: int
     r3: int
     keep_rows: bool = False
+    rows_group: int = 16
+    rows_maxnreg: int | None = None
+    spectral_maxnreg: int | None = None
 
     @property
     def m(self) -> int:
@@ -83,11 +90,13 @@ class FFTPlan:
         return self.r2 // 16
 
 
-def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False) -> FFTPlan:
+def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
+             rows_group: int = 16, rows_maxnreg: int | None = None,
+             spectral_maxnreg: int | None = None) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
-    forces N (tests use it to exercise every plan at small T); ``keep_rows``: see CausalFFTConvFunction.
+    forces N (tests use it to exercise every plan at small T); the other options: see FFTPlan.
     """
     n = fft_size or max(MIN_FFT_SIZE, 1 << max(0, (2 * length - 1).bit_length()))
     if n < 2 * length or n & (n - 1) or n < MIN_FFT_SIZE:
@@ -97,7 +106,10 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows)
+    if rows_group < 1 or rows_group & (rows_group - 1):
+        raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, rows_group=rows_group,
+                   rows_maxnreg=rows_maxnreg, spectral_maxnreg=spectral_maxnreg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,10 +154,16 @@ def _spectral_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) ->
 
 
 @triton.jit
-def _tile_origin(tile, M, J23: tl.constexpr, JC: tl.constexpr):
-    """A rows-stage tile covers J23 consecutive n23 times JC consecutive channels: its first (n23, channel)."""
-    n23_tiles = M // J23
-    return (tile % n23_tiles) * J23, (tile // n23_tiles) * JC
+def _tile_origin(tile, M, channels, group, J23: tl.constexpr, JC: tl.constexpr):
+    """A rows-stage tile covers J23 consecutive n23 times JC consecutive channels: its first (n23, channel).
+
+    Tiles come in groups of ``group`` consecutive n23 tiles (a power of two dividing M / J23), the n23 tile fastest
+    inside a group, then the channel tile: the programs running at one time cover a block of about group J23 n23
+    by (resident programs / group) JC channels, so both the time-major side (contiguous along channels) and the
+    rows buffer (contiguous along n23) are read or written in runs longer than one tile's 32 bytes."""
+    per_group = group * tl.cdiv(channels, JC)
+    within = tile % per_group
+    return ((tile // per_group) * group + within % group) * J23, (within // group) * JC
 
 
 # The two rows kernels transpose on the way in: each loads its 3-D tile with the memory-contiguous axis last
@@ -156,7 +174,7 @@ def _tile_origin(tile, M, J23: tl.constexpr, JC: tl.constexpr):
 
 @triton.jit
 def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, stride_b, stride_t, stride_c, M, R1H,
-                     BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+                     group, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """rows[g, k1] = sum_{n1 < R1/2} x[n1 M + n23] W_R1^{n1 k1} for k1 in [0, R1/2], g = b * channels + c.
 
     Operand columns j = c_local * J23 + n23_local (n23 fastest: the rows buffer's contiguous axis)."""
@@ -164,7 +182,7 @@ def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, strid
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
-    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, channels, group, J23, JC)
     n23_in = n23_0 + tl.arange(0, J23)
     if JC == 1:  # one channel of a [C, T] signal: a 2-D tile, contiguous along n23
         x_row = x_ptr + b.to(tl.int64) * stride_b + c_0.to(tl.int64) * stride_c
@@ -206,7 +224,7 @@ def _rows_dft_kernel(x_ptr, rows_ptr, cos_ptr, nsin_ptr, length, channels, strid
 
 @triton.jit
 def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_b, stride_t, stride_c, N, M, R1H,
-                      BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
+                      group, BM: tl.constexpr, BK: tl.constexpr, J23: tl.constexpr, JC: tl.constexpr):
     """y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[g, k1, n23] e^{2 pi i n1 k1 / R1}) for n1 < R1/2.
 
     Operand columns j = n23_local * JC + c_local (channel fastest: a time-major output's contiguous axis)."""
@@ -215,7 +233,7 @@ def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_
     pid = tl.program_id(0)
     b = tl.program_id(1)
     row_block = pid % ROW_BLOCKS
-    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, J23, JC)
+    n23_0, c_0 = _tile_origin(pid // ROW_BLOCKS, M, channels, group, J23, JC)
     n23_in = n23_0 + tl.arange(0, J23)
     if JC == 1:  # one channel: [BK, J23] tiles of its rows
         rows_in = rows_ptr + (b * channels + c_0).to(tl.int64) * SEQ + n23_in[None, :]
@@ -310,8 +328,10 @@ def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
 
 @triton.jit
 def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items_per_program,
-                             SEQ, R2: tl.constexpr, R3: tl.constexpr):
-    """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows)."""
+                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr):
+    """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows unless
+    KEEP_SPECTRA). KEEP_SPECTRA: the spectra DFT2(u_rows), DFT2(k_rows) are written over their rows, for the
+    backward (K's at the channel's last batch row: the earlier ones still read k_rows)."""
     M: tl.constexpr = R2 * R3
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
@@ -329,14 +349,20 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
         yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
         tl.store(y_rows + offset + tile, yr)
         tl.store(y_rows + offset + M + tile, yi)
+        if KEEP_SPECTRA:
+            tl.store(u_rows + offset + tile, ur)
+            tl.store(u_rows + offset + M + tile, ui)
+            if item % batch == batch - 1:
+                tl.store(k_row + tile, kr)
+                tl.store(k_row + M + tile, ki)
 
 
 @triton.jit
 def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, batch, channels,
                           items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
-                          NEED_DK: tl.constexpr):
+                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
-    may be k_rows).
+    may be k_rows). SPECTRA: u_rows and k_rows hold the spectra U, K (the forward's KEEP_SPECTRA), not rows.
 
     A program's items cover whole channels (items_per_program is a multiple of batch)."""
     M: tl.constexpr = R2 * R3
@@ -356,13 +382,17 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
         dy_row = dy_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
         gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors)
         if NEED_DU:  # DY conj(K)
-            kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
+            kr, ki = tl.load(k_row + tile), tl.load(k_row + M + tile)
+            if not SPECTRA:
+                kr, ki = _row_spectrum(kr, ki, *factors)
             dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors)
             tl.store(dy_row + tile, dur)
             tl.store(dy_row + M + tile, dui)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
-            ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), *factors)
+            ur, ui = tl.load(u_row + tile), tl.load(u_row + M + tile)
+            if not SPECTRA:
+                ur, ui = _row_spectrum(ur, ui, *factors)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
@@ -416,7 +446,9 @@ def _rows_launch(signal: _Signal, plan: FFTPlan):
     bm = bk = min(plan.half_rows, 64)
     tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
     grid = (tiles * (plan.half_rows // bm), signal.batch)
-    meta = dict(BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
+    meta = dict(group=min(plan.rows_group, plan.m // j23), BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
+    if plan.rows_maxnreg:
+        meta["maxnreg"] = plan.rows_maxnreg
     return grid, meta
 
 
@@ -452,34 +484,44 @@ def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.devic
     return (rows, triton.cdiv(batch * channels, items)), items
 
 
+def _spectral_options(plan: FFTPlan) -> dict:
+    options = dict(R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps, num_stages=1)
+    if plan.spectral_maxnreg:
+        options["maxnreg"] = plan.spectral_maxnreg
+    return options
+
+
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
-                     y_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of y = u * k; written over u_rows unless y_rows is given."""
+                     y_rows: torch.Tensor | None = None, keep_spectra: bool = False) -> torch.Tensor:
+    """Rows of y = u * k; written over u_rows unless y_rows is given. keep_spectra (needs y_rows): the 2-D spectra
+    of u and k are written over u_rows and k_rows."""
+    if keep_spectra and y_rows is None:
+        raise ValueError("spectral_product: keep_spectra needs a separate y_rows buffer")
     y_rows = u_rows if y_rows is None else y_rows
     grid, items = _spectral_grid(plan, batch, channels, u_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, u_rows.device)
     _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items,
-                                   u_rows[0].numel(),
-                                   R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps,
-                                   num_stages=1)
+                                   u_rows[0].numel(), KEEP_SPECTRA=keep_spectra, **_spectral_options(plan))
     return y_rows
 
 
 def spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool,
-                  need_dk: bool):
-    """Rows of du over dy_rows (if need_du) and of dk into dk_rows (if need_dk; may be k_rows)."""
+                  need_dk: bool, spectra: bool = False):
+    """Rows of du over dy_rows (if need_du) and of dk into dk_rows (if need_dk; may be k_rows). spectra: u_rows and
+    k_rows hold the forward's kept spectra (spectral_product's keep_spectra)."""
     grid, items = _spectral_grid(plan, batch, channels, dy_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, dy_rows.device)
     _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, dk_rows, tables, row_twiddles, batch,
-                                channels, items, dy_rows[0].numel(), R2=plan.r2, R3=plan.r3, NEED_DU=need_du,
-                                NEED_DK=need_dk, num_warps=plan.spectral_warps, num_stages=1)
+                                channels, items, dy_rows[0].numel(), NEED_DU=need_du, NEED_DK=need_dk,
+                                SPECTRA=spectra, **_spectral_options(plan))
 
 
 class CausalFFTConvFunction(torch.autograd.Function):
     """u [B, T, C], k [C, Tk] -> y [B, T, C] in ``out_dtype`` (u's dtype when None).
 
-    With plan.keep_rows the forward keeps the row buffers of u and k for the backward (4X more memory, 6X less
-    traffic: two rows stages fewer); otherwise the backward recomputes them."""
+    With plan.keep_rows the forward keeps the 2-D spectra of u and k for the backward, written over their row
+    buffers (4X more memory kept from forward to backward; the backward skips two rows stages, 6X of traffic, and
+    two of the spectral kernel's five 2-D transforms); otherwise the backward recomputes the row buffers."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan, out_dtype: torch.dtype | None = None):
@@ -488,7 +530,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
         u_rows = rows_dft(_Signal.time_major_of(u), plan)
         k_rows = rows_dft(_Signal.channel_major_of(k), plan)
         y_rows = spectral_product(u_rows, k_rows, batch, channels, plan,
-                                  torch.empty_like(u_rows) if plan.keep_rows else None)
+                                  torch.empty_like(u_rows) if plan.keep_rows else None, plan.keep_rows)
         y = new_output(u.shape, out_dtype or u.dtype, u.device)
         rows_idft(y_rows, _Signal.time_major_of(y), plan)
         if plan.keep_rows:
@@ -513,7 +555,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
             # K's spectrum is needed for du only; without it the buffer just receives dk
             k_rows = rows_dft(_Signal.channel_major_of(k), plan) if need_du else torch.empty_like(dy_rows[:channels])
             dk_rows = k_rows
-        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk)
+        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk, bool(kept))
         du = dk = None
         if need_du:
             du = new_output(u.shape, u.dtype, u.device)
@@ -550,6 +592,32 @@ def _check(u: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"causal_fft_conv takes floating inputs {allowed}; got {u.dtype} and {k.dtype}")
 
 
+# The default plan keeps the forward's spectra (plan.keep_rows) when a backward will follow and the kept bytes are at
+# most this fraction of the device memory free at the call (the driver's free memory plus what PyTorch's allocator
+# holds unused). The rest stays for the backward's own buffers (dy's rows and dk's: about as large as the kept ones)
+# and for everything else; layers that run later in a forward see less free memory, so once memory gets short they
+# recompute instead of keeping, and nothing runs out of memory only because of keeping.
+KEEP_ROWS_FREE_FRACTION = 0.25
+
+
+def _kept_bytes(batch: int, channels: int, plan: FFTPlan) -> int:
+    return 4 * (plan.half_rows + 1) * 2 * plan.m * (batch + 1) * channels
+
+
+def default_plan(u: torch.Tensor, k: torch.Tensor) -> FFTPlan:
+    """fft_plan for u's length, keep_rows on under KEEP_ROWS_FREE_FRACTION's rule (off without a backward). Under
+    the interpreter (no device memory to budget) keep_rows follows the backward alone."""
+    plan = fft_plan(u.shape[1])
+    if not (torch.is_grad_enabled() and (u.requires_grad or k.requires_grad)):
+        return plan
+    if u.is_cuda:
+        free, _ = torch.cuda.mem_get_info(u.device)
+        free += torch.cuda.memory_reserved(u.device) - torch.cuda.memory_allocated(u.device)
+        if _kept_bytes(u.shape[0], u.shape[2], plan) > KEEP_ROWS_FREE_FRACTION * free:
+            return plan
+    return dataclasses.replace(plan, keep_rows=True)
+
+
 def causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """y[b, t, c] = sum_{j <= t} k[c, t - j] u[b, j, c]: a causal convolution per channel, by FFT.
 
@@ -559,9 +627,10 @@ def causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     Where ``use_triton(u)``: the Triton kernels at FFT size N = max(2^13, next power of two >= 2T) (the padding is
     free of charge in memory, it only costs compute: T = 2^j + 1 does twice the work of T = 2^j), float32
     intermediates and tf32 tensor-core products (relative error ~5e-3 at T = 65536 on an H100; float64 inputs are
-    computed in float32 there). Elsewhere: ``causal_fft_conv_torch`` (float32/float64 cuFFT or pocketfft).
+    computed in float32 there); the forward keeps the spectra of u and k (2 (B + 1) T C float32 values) for the
+    backward when they fit the memory budget of ``default_plan`` (KEEP_ROWS_FREE_FRACTION). Elsewhere: ``causal_fft_conv_torch`` (float32/float64 cuFFT or pocketfft).
     """
     _check(u, k)
     if use_triton(u):
-        return CausalFFTConvFunction.apply(u, k, fft_plan(u.shape[1]), None)
+        return CausalFFTConvFunction.apply(u, k, default_plan(u, k), None)
     return causal_fft_conv_torch(u, k)

@@ -31,7 +31,7 @@ import math
 import torch
 
 from ..common import check_cu_seqlens, device_table, host_offsets, use_triton
-from .fftconv import CausalFFTConvFunction, causal_fft_conv_torch, fft_plan
+from .fftconv import CausalFFTConvFunction, causal_fft_conv_torch, default_plan
 
 
 def s4d_lin_init(H: int, N: int = 16, dt_min: float = 1e-3, dt_max: float = 1e-1,
@@ -160,7 +160,7 @@ def _affine_prefix(a: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 
 def _conv(u: torch.Tensor, k: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if use_triton(u):
-        return CausalFFTConvFunction.apply(u, k, fft_plan(u.shape[1]), out_dtype)
+        return CausalFFTConvFunction.apply(u, k, default_plan(u, k), out_dtype)
     return causal_fft_conv_torch(u, k).to(out_dtype)
 
 

@@ -32,7 +32,9 @@ def test_causal_fft_conv_bf16_long(batch, length, channels):
                            conv_inputs(batch, length, channels, length, torch.bfloat16), 1e-2)
 
 
-@pytest.mark.parametrize("options", [dict(tile=512), dict(keep_rows=True)])
+@pytest.mark.parametrize("options", [dict(tile=512), dict(keep_rows=True), dict(keep_rows=False),
+                                     dict(rows_group=1, keep_rows=True), dict(rows_group=128),
+                                     dict(rows_maxnreg=128, spectral_maxnreg=168, keep_rows=True)])
 def test_causal_fft_conv_plan_options(options):
     """The tuning options of the Triton path (the benchmark's variants) compute the same convolution."""
     plan = fftconv.fft_plan(20000, **options)
@@ -41,6 +43,15 @@ def test_causal_fft_conv_plan_options(options):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
 
     compare_with_reference(fast, causal_fft_conv_torch, conv_inputs(2, 20000, 40, 15000, torch.bfloat16), 1e-2)
+
+
+def test_default_plan_memory_budget(monkeypatch):
+    """On CUDA the spectra are kept when they fit KEEP_ROWS_FREE_FRACTION of the free memory, and not otherwise."""
+    u = torch.randn(1, 4096, 64, device="cuda", requires_grad=True)
+    k = torch.randn(64, 4096, device="cuda")
+    assert fftconv.default_plan(u, k).keep_rows
+    monkeypatch.setattr(fftconv, "KEEP_ROWS_FREE_FRACTION", 1e-12)
+    assert not fftconv.default_plan(u, k).keep_rows
 
 
 def test_causal_fft_conv_float32_benchmark_shape():
