@@ -43,7 +43,7 @@ def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
     """The GPU's 64-column rows tiles (the interpreter otherwise takes wide ones), time- and channel-major, with a
     partial channel tile; the default tile order (groups of 16 n23 tiles) and channel-first."""
     monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 64)
-    plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1)
+    plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1, keep_spectra=rows_group == 1)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
@@ -51,11 +51,11 @@ def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
     compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 21, 9, 21, seed=2), TOL)
 
 
-@pytest.mark.parametrize("keep_rows", [False, True])
-def test_causal_fft_conv_one_gradient(keep_rows):
+@pytest.mark.parametrize("keep", [False, True])
+def test_causal_fft_conv_one_gradient(keep):
     """Only du, or only dk, asked for: the backward skips the other product (from recomputed rows or from the
     forward's kept spectra), batch 2."""
-    plan = fftconv.fft_plan(30, keep_rows=keep_rows)
+    plan = fftconv.fft_plan(30, keep_rows=keep, keep_spectra=keep)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
@@ -73,6 +73,8 @@ def test_default_plan_keeps_spectra_only_for_a_backward():
         assert not fftconv.default_plan(u, k).keep_rows
     with pytest.raises(ValueError, match="rows_group must be a power of two"):
         fftconv.fft_plan(40, rows_group=3)
+    with pytest.raises(ValueError, match="keep_spectra needs keep_rows"):
+        fftconv.fft_plan(40, keep_spectra=True)
 
 
 def test_torch_fft_path_matches_direct_sum(monkeypatch):

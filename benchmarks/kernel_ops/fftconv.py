@@ -75,11 +75,11 @@ SPEC_BF16 = dataclasses.replace(SPEC, make_inputs=_make_inputs(torch.bfloat16), 
 # Tuning variants of the Triton path: FFTPlan fields changed from the default plan (default_plan), each timed
 # against the default at one length.
 VARIANTS = {"recompute rows": dict(keep_rows=False),
+            "keep spectra": dict(keep_spectra=True),
             "rows n23-first (group 128)": dict(rows_group=128),
-            "rows group 4": dict(rows_group=4),
-            "rows channel-first (group 1)": dict(rows_group=1),
-            "rows maxnreg 128": dict(rows_maxnreg=128),
+            "rows no register cap": dict(rows_maxnreg=None),
             "spectral maxnreg 168": dict(spectral_maxnreg=168),
+            "spectral maxnreg 128": dict(spectral_maxnreg=128),
             "tile 32x16": dict(tile=512)}
 
 
@@ -116,16 +116,16 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     dk = torch.empty_like(k)
     product, grad = triton_fftconv.spectral_product, triton_fftconv.spectral_grad
     stages = {}
-    for options in (dict(), dict(rows_group=128), dict(rows_group=4), dict(rows_group=1), dict(rows_maxnreg=128)):
+    for options in (dict(), dict(rows_group=128), dict(rows_maxnreg=None)):
         p = dataclasses.replace(plan, **options)
         name = ", ".join(f"{key} {value}" for key, value in p.__dict__.items() if key in ("rows_group", "rows_maxnreg"))
         stages[f"rows_dft u [T, C] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.time_major_of(u), p)
         stages[f"rows_idft y [T, C] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(u_rows, S.time_major_of(y), p)
         stages[f"rows_dft k [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.channel_major_of(k), p)
-        stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(k_rows, S.channel_major_of(dk),
-                                                                                          p)
-    capped = dataclasses.replace(plan, spectral_maxnreg=168)
-    for label, p in (("", plan), (", maxnreg 168", capped)):
+        stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(
+            k_rows, S.channel_major_of(dk), p)
+    for label, p in (("", plan), (", maxnreg 168", dataclasses.replace(plan, spectral_maxnreg=168)),
+                     (", maxnreg 128", dataclasses.replace(plan, spectral_maxnreg=128))):
         stages[f"spectral product{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
         stages[f"spectral product, keeping spectra{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p,
                                                                                     y_rows, True)

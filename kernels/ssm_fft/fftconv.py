@@ -37,7 +37,7 @@ transform stages: relative error 4.6e-3 measured on an H100 at T = 65536 for y, 
 multiplies in exact float32); inputs may be bfloat16 or float32, every accumulation and every intermediate is
 float32. The memory traffic: with X the bytes of one float32 [T, C] signal,
 the forward moves 15 X (u, k read; two row buffers of 2 X written and read; y written) and the backward 25 X;
-keeping the spectra (FFTPlan.keep_rows) makes it 19 X + 19 X.
+keeping the row buffers (FFTPlan.keep_rows) makes it 15 X + 19 X.
 """
 from __future__ import annotations
 
@@ -61,18 +61,20 @@ _TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (64, 16)}
 class FFTPlan:
     """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
 
-    keep_rows: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of this many
-    consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg,
+    keep_rows, keep_spectra: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of
+    this many consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg,
     spectral_maxnreg: register caps per thread for the rows and the spectral kernels (None: the compiler's choice;
-    a cap lets more programs share an SM, at the price of spills)."""
+    a cap lets more programs share an SM, at the price of spills). The rows kernels' 128 makes sure two programs
+    of 8 warps fit an SM (triton 3.9 compiles them to 140-178 registers, one program; no spills at 128)."""
 
     n: int
     r1: int
     r2: int
     r3: int
     keep_rows: bool = False
+    keep_spectra: bool = False
     rows_group: int = 16
-    rows_maxnreg: int | None = None
+    rows_maxnreg: int | None = 128
     spectral_maxnreg: int | None = None
 
     @property
@@ -91,7 +93,7 @@ class FFTPlan:
 
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
-             rows_group: int = 16, rows_maxnreg: int | None = None,
+             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
              spectral_maxnreg: int | None = None) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
@@ -106,10 +108,12 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
+    if keep_spectra and not keep_rows:
+        raise ValueError("keep_spectra needs keep_rows (the spectra are kept in the kept row buffers)")
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, rows_group=rows_group,
-                   rows_maxnreg=rows_maxnreg, spectral_maxnreg=spectral_maxnreg)
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
+                   rows_group=rows_group, rows_maxnreg=rows_maxnreg, spectral_maxnreg=spectral_maxnreg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -519,9 +523,10 @@ def spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch: int, channels: int, p
 class CausalFFTConvFunction(torch.autograd.Function):
     """u [B, T, C], k [C, Tk] -> y [B, T, C] in ``out_dtype`` (u's dtype when None).
 
-    With plan.keep_rows the forward keeps the 2-D spectra of u and k for the backward, written over their row
-    buffers (4X more memory kept from forward to backward; the backward skips two rows stages, 6X of traffic, and
-    two of the spectral kernel's five 2-D transforms); otherwise the backward recomputes the row buffers."""
+    With plan.keep_rows the forward keeps the row buffers of u and k for the backward (4X more memory kept from
+    forward to backward; the backward skips two rows stages, 6X of traffic); otherwise the backward recomputes them.
+    plan.keep_spectra (with keep_rows): the forward's spectral kernel writes the 2-D spectra of u and k over the
+    kept rows (4X more stores), so that the backward's skips two of its five 2-D transforms."""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan, out_dtype: torch.dtype | None = None):
@@ -530,7 +535,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
         u_rows = rows_dft(_Signal.time_major_of(u), plan)
         k_rows = rows_dft(_Signal.channel_major_of(k), plan)
         y_rows = spectral_product(u_rows, k_rows, batch, channels, plan,
-                                  torch.empty_like(u_rows) if plan.keep_rows else None, plan.keep_rows)
+                                  torch.empty_like(u_rows) if plan.keep_rows else None, plan.keep_spectra)
         y = new_output(u.shape, out_dtype or u.dtype, u.device)
         rows_idft(y_rows, _Signal.time_major_of(y), plan)
         if plan.keep_rows:
@@ -555,7 +560,8 @@ class CausalFFTConvFunction(torch.autograd.Function):
             # K's spectrum is needed for du only; without it the buffer just receives dk
             k_rows = rows_dft(_Signal.channel_major_of(k), plan) if need_du else torch.empty_like(dy_rows[:channels])
             dk_rows = k_rows
-        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk, bool(kept))
+        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk,
+                      bool(kept) and plan.keep_spectra)
         du = dk = None
         if need_du:
             du = new_output(u.shape, u.dtype, u.device)
@@ -592,8 +598,8 @@ def _check(u: torch.Tensor, k: torch.Tensor) -> None:
         raise ValueError(f"causal_fft_conv takes floating inputs {allowed}; got {u.dtype} and {k.dtype}")
 
 
-# The default plan keeps the forward's spectra (plan.keep_rows) when a backward will follow and the kept bytes are at
-# most this fraction of the device memory free at the call (the driver's free memory plus what PyTorch's allocator
+# The default plan keeps the forward's row buffers (plan.keep_rows) when a backward will follow and the kept bytes are
+# at most this fraction of the device memory free at the call (the driver's free memory plus what PyTorch's allocator
 # holds unused). The rest stays for the backward's own buffers (dy's rows and dk's: about as large as the kept ones)
 # and for everything else; layers that run later in a forward see less free memory, so once memory gets short they
 # recompute instead of keeping, and nothing runs out of memory only because of keeping.
@@ -627,8 +633,9 @@ def causal_fft_conv(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     Where ``use_triton(u)``: the Triton kernels at FFT size N = max(2^13, next power of two >= 2T) (the padding is
     free of charge in memory, it only costs compute: T = 2^j + 1 does twice the work of T = 2^j), float32
     intermediates and tf32 tensor-core products (relative error ~5e-3 at T = 65536 on an H100; float64 inputs are
-    computed in float32 there); the forward keeps the spectra of u and k (2 (B + 1) T C float32 values) for the
-    backward when they fit the memory budget of ``default_plan`` (KEEP_ROWS_FREE_FRACTION). Elsewhere: ``causal_fft_conv_torch`` (float32/float64 cuFFT or pocketfft).
+    computed in float32 there); the forward keeps the row buffers of u and k (2 (B + 1) T C float32 values) for the
+    backward when they fit the memory budget of ``default_plan`` (KEEP_ROWS_FREE_FRACTION).
+    Elsewhere: ``causal_fft_conv_torch`` (float32/float64 cuFFT or pocketfft).
     """
     _check(u, k)
     if use_triton(u):
