@@ -58,6 +58,15 @@ def units(monkeypatch):
     return set_units
 
 
+@pytest.fixture(params=["per chunk", "sub-blocks"])
+def intra_path(request, monkeypatch):
+    """The intra-chunk factorisation: as chosen per chunk (logsigmoid(randn) gates fall by ~40-47 across a full
+    chunk: one product through one reference; strong gates take the sub-blocks), or the sub-blocks for every chunk."""
+    if request.param == "sub-blocks":
+        monkeypatch.setattr(gsa_chunk, "GAP_LIMIT", -1.0)
+    return request.param
+
+
 @pytest.mark.parametrize("B,T,H,init,final,unit", [
     (1, 1, 1, True, True, None),
     (2, 17, 1, False, True, None),
@@ -72,7 +81,7 @@ def test_chunk_gsa(B, T, H, init, final, unit, units):
 
 
 @pytest.mark.parametrize("unit", [None, 1])
-def test_chunk_gsa_varlen(unit, units):
+def test_chunk_gsa_varlen(unit, units, intra_path):
     units(unit)
     docs = [1, 5, 0, 64, 70]  # and an empty document
     compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True),
@@ -125,7 +134,7 @@ def gla_op(fn, gate_on, final=True):
     ("key", 75, None, [1, 64, 10]),
     ("value", 75, None, [1, 64, 10]),
 ])
-def test_chunk_gated_linear_attention(gate_on, T, unit, docs, units):
+def test_chunk_gated_linear_attention(gate_on, T, unit, docs, units, intra_path):
     units(unit)
     gen = torch.Generator().manual_seed(T)
     N = 1 if docs is None else len(docs)
@@ -165,6 +174,30 @@ def test_chunk_gsa_shapes(B, T, H, k_dim, v_dim, m_dim, init, final, unit, seed)
                                gsa_inputs(B, T, H, seed=seed, init=init, dims=(k_dim, v_dim, m_dim)), TOL)
     finally:
         gsa_chunk.UNIT_CHUNKS = previous
+
+
+def test_gate_drop_decides_the_path():
+    """The tests' ordinary gates (logsigmoid(randn)) fall by less than GAP_LIMIT across a full chunk (one product
+    through one reference), test_strong_gates' first case by more (sub-blocks): the default runs exercise both."""
+    def drops(g):
+        return -g.view(2, 64, M)[:, 1:].sum(1).amax(-1)  # b_first - b_last, largest over the slots
+
+    randn = torch.randn(1, 128, 1, M, generator=torch.Generator().manual_seed(0))
+    assert bool((drops(F.logsigmoid(randn)) < gsa_chunk.GAP_LIMIT).all())
+    assert bool((drops(F.logsigmoid(30 * randn - 10)) > gsa_chunk.GAP_LIMIT).all())
+
+
+def test_plan_cache():
+    """One plan per shape and setting, and per cu_seqlens tensor until it changes in place."""
+    device = torch.device("cpu")
+    assert gsa_chunk.make_plan(None, 2, 100, device, 4) is gsa_chunk.make_plan(None, 2, 100, device, 4)
+    assert gsa_chunk.make_plan(None, 2, 100, device, 4) is not gsa_chunk.make_plan(None, 2, 101, device, 4)
+    cu_seqlens = torch.tensor([0, 30, 100])
+    plan = gsa_chunk.make_plan(cu_seqlens, 1, 100, device, 4)
+    assert gsa_chunk.make_plan(cu_seqlens, 1, 100, device, 4) is plan
+    cu_seqlens[1] = 64
+    changed = gsa_chunk.make_plan(cu_seqlens, 1, 100, device, 4)
+    assert changed is not plan and changed.chunks[:, 1].tolist() == [64, 36]
 
 
 def test_bad_inputs():

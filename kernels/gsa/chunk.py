@@ -8,17 +8,25 @@ GSA's key pass is the value-gated form with (q, k, s) and scale; its value pass 
 scale 1, p = softmax of the key pass's output over the slots.
 
 Chunks of BT tokens. Within a chunk the gates are cumulated in float32, b_i = g_1 + ... + g_i (``gc``), and every
-exponential taken is of a difference that is <= 0: exp(b_i - b_j) for j <= i, exp(b_C - b_j), exp(b_i). The intra-chunk
-term sum_{j<=i} (...) exp(b_i - b_j) is split into BC-token sub-blocks: across sub-blocks it factors through the
-reference r = b at the first row of the output sub-block (exp(b_i - r) <= 1, exp(r - b_j) <= 1) into a matrix product;
-inside a sub-block it is summed elementwise, one column of every diagonal sub-block at a time.
+exponential taken is bounded: exp(b_C - b_j), exp(b_i), and for the intra-chunk term sum_{j<=i} (...) exp(b_i - b_j)
+one of two factorisations, chosen per chunk from its gate drop (max over the gated dim of b_first - b_last):
+    drop <= GAP_LIMIT (the common case: GSA's damped gates fall by ~5-10 across a chunk): through the reference
+        r = b at the chunk's first row, exp(b_i - r) <= 1 and exp(r - b_j) <= e^drop, one masked matrix product;
+    otherwise (shut gates, resets): BC-token sub-blocks; across them the same product through the reference of the
+        output sub-block's first row, inside them an elementwise sum, one column of every diagonal sub-block at a time.
+Each kernel with an intra term is compiled for either case and launched twice, each launch skipping the other's
+chunks, so that the rare case's registers do not limit the common case's occupancy.
 
 Kernels (each serves every gate side and direction; REVERSE reads a chunk's rows backwards, which turns the
 backward's anti-causal sums into the forward's causal ones):
     _chunk_cumsum_kernel   gc = cumulative gates within chunks
     _state_scan_kernel     states at chunk boundaries, in a sequential loop over a unit of chunks
     _compose_kernel        initial state of every unit from the units' end states (parallel/state_passing.py's algebra)
-    _chunk_output_kernel   per chunk: scale_inter * (gated q) h + scale_intra * (gated intra-chunk attention) v
+    output = scale_inter * (gated x) w + scale_intra * (gated intra-chunk scores) z, with the gate on
+        x's dim:  _key_gate_scores_kernel (per chunk: the scores and the gated x, in the products' dtype), then
+                  _key_gate_output_kernel (per chunk and block of output columns: two products);
+        z's dim:  _value_gate_output_kernel (per chunk and block of output columns: one pass over x's dim for
+                  x y^T and x w, then the gated intra sum)
     _slot_softmax(_grad)_kernel, _gate_terms_kernel: GSA's softmax between the passes, its backward, and the gate
                            gradient's per-token terms (float32 rows of M slots)
     _gate_grad_kernel      dg from the per-token terms and the chunk-end terms
@@ -27,7 +35,7 @@ units of UNIT_CHUNKS chunks: a first scan gives every unit's end state from zero
 sequential pass composes them (S_in(u+1) = exp(L_u) * S_in(u) + E_u, elementwise since the decay is diagonal), and a
 second scan from the true S_in(u) writes the boundary states.
 
-The backward of o = out(q, k, v, h) reuses the same two kernels (h: forward states, dh: state gradients from a
+The backward of o = out(q, k, v, h) reuses the same kernels (h: forward states, dh: state gradients from a
 reverse scan of (q, do)); with s the gate side and s' the other one:
     dq = out(do, v, k, h^T,  s', forward, scale, scale)
     dk = out(v, do, q, dh^T, s', reverse, 1, scale)
@@ -42,22 +50,31 @@ Note: no kernel transposes the result of a tl.dot (Triton 3.4-3.7.0 miscompiles 
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..common import check_cu_seqlens, chunk_map, device_table, host_offsets, new_output, use_triton
 from .chunk_torch import gla_chunk_torch, gsa_chunk_torch
 
 BT = 64  # chunk length
 BC = 8  # sub-block length of the intra-chunk factorisation
+# Largest drop of the cumulative gates across a chunk for which its gated intra sum is one matrix product through
+# one reference row (factors up to e^60 ~ 1e26: no overflow in float32 or bfloat16 products); chunks with a larger
+# drop (strongly shut gates, resets) take the sub-block factorisation.
+GAP_LIMIT = 60.0
 # Chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU).
 UNIT_CHUNKS: int | None = None
-# Warps per program. The output kernel holds several [BT, BT] and [BT, 64] float32 tiles: with 4 warps it spills
-# ~1 KB per thread on sm_90, with 8 almost nothing (compiler report, Triton 3.9). The scan fits 4 warps unspilled.
-OUTPUT_WARPS = 8
+# Warps per program, from sm_90 compile reports (Triton 3.9; common case): the scores kernel 124-128 registers at 8
+# warps, the key-gate output kernel 128-168 at 4, the value-gate output kernel 255 at 8 (at 4 it spills ~0.6 KB per
+# thread); the scan 242-255 at 4.
+SCORES_WARPS = 8
+STREAM_WARPS = 4
+VALUE_GATE_WARPS = 8
 SCAN_WARPS = 4
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -107,8 +124,35 @@ def _unit_chunks(total_chunks: int, programs_per_unit: int, device: torch.device
     return max(8, triton.cdiv(total_chunks, units))
 
 
+# Plans already built: building one costs ~0.4 ms of host time (a few dozen small torch operations and three
+# host-to-device copies) during which the GPU may idle, and every layer of a step asks for the same one.
+_PLANS: collections.OrderedDict = collections.OrderedDict()  # (batch, length, *settings) -> Plan, without cu_seqlens
+_VARLEN_PLANS = WeakIdKeyDictionary()  # cu_seqlens -> ((its version, *settings), Plan)
+_MAX_PLANS = 64
+
+
 def make_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device,
               programs_per_unit: int) -> Plan:
+    """The plan for these inputs, built once per shape (or per cu_seqlens tensor and version) and setting."""
+    settings = (torch.device(device), programs_per_unit, UNIT_CHUNKS)
+    if cu_seqlens is not None:
+        key = (cu_seqlens._version, *settings)
+        entry = _VARLEN_PLANS.get(cu_seqlens)
+        if entry is None or entry[0] != key:
+            entry = (key, _build_plan(cu_seqlens, batch, length, device, programs_per_unit))
+            _VARLEN_PLANS[cu_seqlens] = entry
+        return entry[1]
+    key = (batch, length, *settings)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(None, batch, length, device, programs_per_unit)
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    return plan
+
+
+def _build_plan(cu_seqlens: torch.Tensor | None, batch: int, length: int, device: torch.device,
+                programs_per_unit: int) -> Plan:
     offsets = None if cu_seqlens is None else host_offsets(cu_seqlens)
     if offsets is None:
         starts = torch.arange(batch, dtype=torch.int64) * length
@@ -321,119 +365,238 @@ def _compose_kernel(unit_end, log_decay, init, unit_init, seq_units, H: tl.const
 
 
 @triton.jit
-def _chunk_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra,
-                         H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, GATE_KEY: tl.constexpr, REVERSE: tl.constexpr,
-                         STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One chunk, one head: out_i = scale_inter * inter_i + scale_intra * sum_{j <= i} intra_ij (rows i, j in the
-    chunk's reading order: forwards, or backwards with REVERSE).
-
-    Rows are read in order, and bb is the cumulative gate in that order (b forwards; b_C - b backwards), so both
-    directions have the same causal form. x: [*, H, KX]; y: [*, H, KX]; z: [*, H, VZ]; w: boundary states, read as
-    W[a, b] = w[slot, head] + a * STRIDE_A + b * STRIDE_B (a stored [VZ, KX] state is read transposed).
-    Gate on x's dim (GATE_KEY):   inter = (x_i * exp bb_i) W,  intra_ij = (sum_d x_id y_jd exp(bb_id - bb_jd)) z_j
-    Gate on z's dim:              inter = (x_i W) * exp bb_i,  intra_ij = (x_i . y_j) z_j * exp(bb_i - bb_j)
-    Off the diagonal sub-blocks the intra sum is a masked matrix product through the reference r = bb at the first
-    row of the output sub-block; on them it is summed elementwise, column jj of every sub-block per step.
-    """
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    head0 = tl.load(chunks + i_c * 3).to(tl.int64) * H + i_h  # (first token, head) of the chunk
+def _chunk_rows(chunks, i_c, i_h, H: tl.constexpr, BT: tl.constexpr, REVERSE: tl.constexpr):
+    """(first (token, head) row of the chunk, valid rows, boundary slot of the state it reads, int32 row offsets of
+    the reading order: forwards, or backwards with REVERSE, from that first row; masked rows point at it)."""
+    head0 = tl.load(chunks + i_c * 3).to(tl.int64) * H + i_h
     n = tl.load(chunks + i_c * 3 + 1)
     slot = tl.load(chunks + i_c * 3 + 2).to(tl.int64)  # the chunk's start: h forwards
+    rows = tl.arange(0, BT)
     if REVERSE:
         slot += 1  # the chunk's end: dh backwards
+        tok = tl.where(rows < n, n - 1 - rows, 0) * H
+    else:
+        tok = tl.where(rows < n, rows, 0) * H
+    return head0, n, slot, tok
+
+
+@triton.jit
+def _chunk_gate_drop(gc, last_tok, D: tl.constexpr, BD: tl.constexpr):
+    """max over the gate's dim of b_first - b_last in the chunk (gc at its first (token, head) row): how far the
+    cumulative gates fall across it, in either reading order."""
+    drop = 0.0
+    for db in range(tl.cdiv(D, BD)):
+        rd = db * BD + tl.arange(0, BD)
+        first = tl.load(gc + rd, mask=rd < D, other=0.0)
+        drop = tl.maximum(drop, tl.max(first - tl.load(gc + last_tok * D + rd, mask=rd < D, other=0.0), axis=0))
+    return drop
+
+
+@triton.jit
+def _skips_chunk(drop, gap_limit, SUBBLOCKS: tl.constexpr):
+    """Each output kernel is compiled twice: for the chunks whose gate drop is within gap_limit (one product
+    through one reference row) and for the rest (SUBBLOCKS), so that the rare case's registers do not limit the
+    common one's occupancy; both are launched, and each skips the other's chunks."""
+    if SUBBLOCKS:
+        skip = drop <= gap_limit
+    else:
+        skip = drop > gap_limit
+    return skip
+
+
+@triton.jit
+def _exponent_from_first_row(gc, G, rd, valid, D: tl.constexpr, REVERSE: tl.constexpr):
+    """bb - r, r = bb at reading row 0 (<= 0 on valid rows, 0 on masked ones). When the chunk's gate drop is below
+    the limit, exp(bb_i - bb_j) = exp(bb_i - r) * exp(r - bb_j) with both factors finite, so the whole chunk's
+    gated intra sum is one matrix product. Its operands stay float32 (tf32 products for half inputs): every term,
+    the dominant near-diagonal ones included (which the sub-block path sums exactly), goes through the rounded
+    factors, and bf16 operands cost Mamba2's decay gradient a 1.1e-2 relative error on an H100 (1e-2 allowed)."""
+    if REVERSE:
+        r = tl.zeros_like(rd).to(tl.float32)  # bb = b_C - b is 0 at the chunk's last token, reading row 0
+    else:
+        r = tl.load(gc + rd, mask=rd < D, other=0.0)
+    return tl.where(valid[:, None], G - r[None, :], 0.0)
+
+
+@triton.jit
+def _key_gate_scores_kernel(x, y, gc, scores, xg, chunks, scale_inter, scale_intra, gap_limit,
+                            H: tl.constexpr, KX: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                            SUBBLOCKS: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Gate on x's dim, one chunk and head (rows i, j in reading order, bb the cumulative gate in that order): the
+    intra-chunk scores A_ij = scale_intra * sum_d x_id y_jd exp(bb_id - bb_jd), j <= i, and the gated rows
+    xg_i = scale_inter * x_i * exp(bb_i), both in the products' dtype, for _key_gate_output_kernel.
+
+    Off the diagonal sub-blocks the sum factors through the reference r = bb at the first row of the output
+    sub-block (exp(bb_i - r) <= 1, exp(r - bb_j) <= 1) into a masked matrix product; on them it is summed
+    elementwise, column jj of every sub-block per step (a factorisation there could overflow: bb_j - bb_i is
+    unbounded for strong gates)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    head0, n, slot, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
     x += head0 * KX
     y += head0 * KX
-    z += head0 * VZ
-    out += head0 * VZ
-    if GATE_KEY:
-        gc += head0 * KX
-    else:
-        gc += head0 * VZ
+    gc += head0 * KX
+    xg += head0 * KX
+    scores += head0 * BT
     rows = tl.arange(0, BT)
     cols = tl.arange(0, BT)
     valid = rows < n
-    step = -1 if REVERSE else 1
-    first = n - 1 if REVERSE else 0  # token offset of reading row 0
-    tok = tl.where(valid, first + step * rows, 0) * H  # row offsets in (token, head) rows
     last_tok = (n - 1) * H
-    block_start = (rows // BC) * BC  # first row of each row's sub-block
-    causal = rows[:, None] >= cols[None, :]
-    w_base = w + (slot * H + i_h) * KX * VZ
+    if _skips_chunk(_chunk_gate_drop(gc, last_tok, KX, BK), gap_limit, SUBBLOCKS):
+        return
+    A = tl.zeros([BT, BT], dtype=tl.float32)
+    for kb in range(tl.cdiv(KX, BK)):
+        rk = kb * BK + tl.arange(0, BK)
+        X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
+        Y = _load_rows(y, tok, rk, valid, KX).to(tl.float32)
+        G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
+        tl.store(xg + tok[:, None] * KX + rk[None, :], (scale_inter * X * tl.exp(G)).to(DT),
+                 mask=valid[:, None] & (rk < KX)[None, :])
+        if SUBBLOCKS:
+            A = _key_gate_subblocks(A, x, y, gc, X, Y, G, tok, rk, n, last_tok, H, KX, BT, BC, REVERSE, DT, PREC)
+        else:
+            e = _exponent_from_first_row(gc, G, rk, valid, KX, REVERSE)
+            A += tl.dot(X * tl.exp(e), tl.trans(Y * tl.exp(-e)), input_precision=PREC)
+    A = tl.where(rows[:, None] >= cols[None, :], A, 0.0)
+    tl.store(scores + tok[:, None] * BT + cols[None, :], (scale_intra * A).to(DT), mask=valid[:, None])
 
-    if GATE_KEY:
-        A = tl.zeros([BT, BT], dtype=tl.float32)
-        for kb in range(tl.cdiv(KX, BK)):
-            rk = kb * BK + tl.arange(0, BK)
-            X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
-            Y = _load_rows(y, tok, rk, valid, KX).to(tl.float32)
-            G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
-            for I in tl.static_range(1, BT // BC):
-                in_I = (rows >= I * BC) & (rows < I * BC + BC)
-                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
-                xe = X * tl.exp(tl.minimum(G - r[None, :], 0.0))
-                ye = Y * tl.exp(tl.minimum(r[None, :] - G, 0.0))
-                part = tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
-                A += tl.where(in_I[:, None] & (cols < I * BC)[None, :], part, 0.0)
-            for jj in range(BC):
-                j = block_start + jj
-                j_ok = (j <= rows) & (j < n)
-                tok_j = tl.where(j_ok, first + step * j, 0) * H
-                Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
-                Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
-                a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
-                A += tl.where((cols[None, :] == j[:, None]) & j_ok[:, None], a[:, None], 0.0)
-        for vb in range(tl.cdiv(VZ, BV)):
-            rv = vb * BV + tl.arange(0, BV)
-            Z = _load_rows(z, tok, rv, valid, VZ)
-            acc = scale_intra * tl.dot(A.to(DT), Z.to(DT), input_precision=PREC)
-            for kb in range(tl.cdiv(KX, BK)):
-                rk = kb * BK + tl.arange(0, BK)
-                X = _load_rows(x, tok, rk, valid, KX).to(tl.float32)
-                G = _load_gates(gc, tok, rk, valid, last_tok, KX, REVERSE)
-                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
-                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
-                acc += scale_inter * tl.dot((X * tl.exp(G)).to(DT), Wt.to(DT), input_precision=PREC)
-            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
-                     mask=valid[:, None] & (rv < VZ)[None, :])
+
+@triton.jit
+def _key_gate_subblocks(A, x, y, gc, X, Y, G, tok, rk, n, last_tok, H: tl.constexpr, KX: tl.constexpr,
+                        BT: tl.constexpr, BC: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """A + the gated scores of one block of x's dim with unbounded gate drops: through the reference of each
+    sub-block off the diagonal sub-blocks, elementwise on them."""
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    block_start = (rows // BC) * BC  # first row of each row's sub-block
+    for I in tl.static_range(1, BT // BC):
+        in_I = (rows >= I * BC) & (rows < I * BC + BC)
+        r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+        xe = X * tl.exp(tl.minimum(G - r[None, :], 0.0))
+        ye = Y * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+        part = tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
+        A += tl.where(in_I[:, None] & (cols < I * BC)[None, :], part, 0.0)
+    for jj in range(BC):
+        j = block_start + jj
+        j_ok = (j <= rows) & (j < n)
+        if REVERSE:
+            tok_j = tl.where(j_ok, n - 1 - j, 0) * H
+        else:
+            tok_j = tl.where(j_ok, j, 0) * H
+        Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
+        Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
+        a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
+        A += tl.where((cols[None, :] == j[:, None]) & j_ok[:, None], a[:, None], 0.0)
+    return A
+
+
+@triton.jit
+def _key_gate_output_kernel(scores, xg, z, w, out, chunks, H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr,
+                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                            REVERSE: tl.constexpr, STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr,
+                            DT: tl.constexpr, PREC: tl.constexpr):
+    """Gate on x's dim, one chunk, head and block of BV output columns: out = A z + xg W with A, xg from
+    _key_gate_scores_kernel (scales included). w: boundary states, read as W[a, b] = w[slot, head] + a * STRIDE_A +
+    b * STRIDE_B (a stored [VZ, KX] state is read transposed). Programs of one chunk are adjacent (its A and xg
+    reads after the first come from L2)."""
+    i_cv, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_v = i_cv // NV, i_cv % NV
+    head0, n, slot, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
+    rows = tl.arange(0, BT)
+    valid = rows < n
+    rv = i_v * BV + tl.arange(0, BV)
+    A = _load_rows(scores + head0 * BT, tok, rows, valid, BT)
+    Z = _load_rows(z + head0 * VZ, tok, rv, valid, VZ)
+    acc = tl.dot(A, Z.to(DT), input_precision=PREC)
+    w_base = w + (slot * H + i_h) * KX * VZ
+    for kb in range(tl.cdiv(KX, BK)):
+        rk = kb * BK + tl.arange(0, BK)
+        Xg = _load_rows(xg + head0 * KX, tok, rk, valid, KX)
+        Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                     mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+        acc += tl.dot(Xg, Wt.to(DT), input_precision=PREC)
+    tl.store(out + head0 * VZ + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+             mask=valid[:, None] & (rv < VZ)[None, :])
+
+
+@triton.jit
+def _value_gate_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra, gap_limit,
+                              H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr,
+                              BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+                              SUBBLOCKS: tl.constexpr, REVERSE: tl.constexpr, STRIDE_A: tl.constexpr,
+                              STRIDE_B: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Gate on z's dim, one chunk, head and block of BV output columns (rows in reading order, bb the cumulative
+    gate in that order): out_i = scale_inter * (x_i W) * exp(bb_i) + scale_intra * sum_{j <= i} (x_i . y_j) z_j *
+    exp(bb_i - bb_j). One pass over x's dim gives both x y^T and x W; the gated intra sum is then factored as in
+    _key_gate_scores_kernel, along z's dim. w as in _key_gate_output_kernel."""
+    i_cv, i_h = tl.program_id(0), tl.program_id(1)
+    i_c, i_v = i_cv // NV, i_cv % NV
+    head0, n, slot, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
+    x += head0 * KX
+    y += head0 * KX
+    z += head0 * VZ
+    gc += head0 * VZ
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    valid = rows < n
+    last_tok = (n - 1) * H
+    rv = i_v * BV + tl.arange(0, BV)
+    drop = tl.max(tl.load(gc + rv, mask=rv < VZ, other=0.0) - tl.load(gc + last_tok * VZ + rv, mask=rv < VZ, other=0.0),
+                  axis=0)  # of this block's columns: each output column is gated on its own
+    if _skips_chunk(drop, gap_limit, SUBBLOCKS):
+        return
+    w_base = w + (slot * H + i_h) * KX * VZ
+    A0 = tl.zeros([BT, BT], dtype=tl.float32)
+    inter = tl.zeros([BT, BV], dtype=tl.float32)
+    for kb in range(tl.cdiv(KX, BK)):
+        rk = kb * BK + tl.arange(0, BK)
+        X = _load_rows(x, tok, rk, valid, KX).to(DT)
+        Y = _load_rows(y, tok, rk, valid, KX).to(DT)
+        Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
+                     mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
+        A0 += tl.dot(X, tl.trans(Y), input_precision=PREC)
+        inter += tl.dot(X, Wt.to(DT), input_precision=PREC)
+    A0 = tl.where(rows[:, None] >= cols[None, :], A0, 0.0)
+    Z = _load_rows(z, tok, rv, valid, VZ).to(tl.float32)
+    G = _load_gates(gc, tok, rv, valid, last_tok, VZ, REVERSE)
+    if SUBBLOCKS:
+        intra = _value_gate_subblocks(A0, z, gc, Z, G, tok, rv, n, last_tok, H, VZ, BT, BC, BV, REVERSE, DT, PREC)
     else:
-        A0 = tl.zeros([BT, BT], dtype=tl.float32)
-        for kb in range(tl.cdiv(KX, BK)):
-            rk = kb * BK + tl.arange(0, BK)
-            X = _load_rows(x, tok, rk, valid, KX)
-            Y = _load_rows(y, tok, rk, valid, KX)
-            A0 += tl.dot(X.to(DT), tl.trans(Y.to(DT)), input_precision=PREC)
-        A0 = tl.where(causal, A0, 0.0)
-        for vb in range(tl.cdiv(VZ, BV)):
-            rv = vb * BV + tl.arange(0, BV)
-            Z = _load_rows(z, tok, rv, valid, VZ).to(tl.float32)
-            G = _load_gates(gc, tok, rv, valid, last_tok, VZ, REVERSE)
-            inter = tl.zeros([BT, BV], dtype=tl.float32)
-            for kb in range(tl.cdiv(KX, BK)):
-                rk = kb * BK + tl.arange(0, BK)
-                X = _load_rows(x, tok, rk, valid, KX)
-                Wt = tl.load(w_base + rk[:, None] * STRIDE_A + rv[None, :] * STRIDE_B,
-                             mask=(rk < KX)[:, None] & (rv < VZ)[None, :], other=0.0)
-                inter += tl.dot(X.to(DT), Wt.to(DT), input_precision=PREC)
-            intra = tl.zeros([BT, BV], dtype=tl.float32)
-            for I in tl.static_range(1, BT // BC):
-                in_I = ((rows >= I * BC) & (rows < I * BC + BC))[:, None]
-                r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
-                ze = Z * tl.exp(tl.minimum(r[None, :] - G, 0.0))
-                part = tl.dot(tl.where(in_I & (cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT),
-                              input_precision=PREC)
-                intra += tl.where(in_I, part * tl.exp(tl.minimum(G - r[None, :], 0.0)), 0.0)
-            for jj in range(BC):
-                j = block_start + jj
-                j_ok = (j <= rows) & (j < n)
-                tok_j = tl.where(j_ok, first + step * j, 0) * H
-                Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
-                Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
-                a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
-                intra += a[:, None] * Zj * tl.exp(tl.minimum(G - Gj, 0.0))
-            acc = scale_inter * inter * tl.exp(G) + scale_intra * intra
-            tl.store(out + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
-                     mask=valid[:, None] & (rv < VZ)[None, :])
+        e = _exponent_from_first_row(gc, G, rv, valid, VZ, REVERSE)
+        intra = tl.dot(A0, Z * tl.exp(-e), input_precision=PREC) * tl.exp(e)
+    acc = scale_inter * inter * tl.exp(G) + scale_intra * intra
+    tl.store(out + head0 * VZ + tok[:, None] * VZ + rv[None, :], acc.to(out.dtype.element_ty),
+             mask=valid[:, None] & (rv < VZ)[None, :])
+
+
+@triton.jit
+def _value_gate_subblocks(A0, z, gc, Z, G, tok, rv, n, last_tok, H: tl.constexpr, VZ: tl.constexpr,
+                          BT: tl.constexpr, BC: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+                          DT: tl.constexpr, PREC: tl.constexpr):
+    """sum_{j <= i} A0_ij z_j * exp(bb_i - bb_j) with unbounded gate drops: through the reference of each sub-block
+    off the diagonal sub-blocks, elementwise on them (A0 causal)."""
+    rows = tl.arange(0, BT)
+    cols = tl.arange(0, BT)
+    block_start = (rows // BC) * BC
+    intra = tl.zeros([BT, BV], dtype=tl.float32)
+    for I in tl.static_range(1, BT // BC):
+        in_I = ((rows >= I * BC) & (rows < I * BC + BC))[:, None]
+        r = tl.sum(tl.where((rows == I * BC)[:, None], G, 0.0), axis=0)
+        ze = Z * tl.exp(tl.minimum(r[None, :] - G, 0.0))
+        part = tl.dot(tl.where(in_I & (cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT), input_precision=PREC)
+        intra += tl.where(in_I, part * tl.exp(tl.minimum(G - r[None, :], 0.0)), 0.0)
+    for jj in range(BC):
+        j = block_start + jj
+        j_ok = (j <= rows) & (j < n)
+        if REVERSE:
+            tok_j = tl.where(j_ok, n - 1 - j, 0) * H
+        else:
+            tok_j = tl.where(j_ok, j, 0) * H
+        Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
+        Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
+        a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
+        intra += a[:, None] * Zj * tl.exp(tl.minimum(G - Gj, 0.0))
+    return intra
 
 
 @triton.jit
@@ -551,14 +714,29 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
 
 def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_transposed: bool,
                  scale_inter: float, scale_intra: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """out = scale_inter * inter + scale_intra * intra (see the output kernels), gate on x's dim (gate_key) or z's."""
     B, T, H, KX = x.shape
     VZ = z.shape[3]
     out = new_output((B, T, H, VZ), out_dtype, x.device)
-    _chunk_output_kernel[(plan.chunks.shape[0], H)](
-        x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra, H=H, KX=KX, VZ=VZ, BT=BT, BC=BC,
-        BK=_block(KX), BV=_block(VZ), GATE_KEY=gate_key, REVERSE=reverse,
-        STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1,
-        **_dot_args(w.dtype), num_warps=OUTPUT_WARPS)
+    n_chunks = plan.chunks.shape[0]
+    BK, BV = _block(KX), _block(VZ)
+    NV = triton.cdiv(VZ, BV)
+    meta = dict(H=H, KX=KX, BT=BT, BK=BK, REVERSE=reverse, **_dot_args(w.dtype))
+    strides = dict(STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1)
+    if gate_key:
+        scores = new_output((B, T, H, BT), w.dtype, x.device)
+        xg = new_output((B, T, H, KX), w.dtype, x.device)
+        for subblocks in (False, True):
+            _key_gate_scores_kernel[(n_chunks, H)](x, y, gc, scores, xg, plan.chunks, scale_inter, scale_intra,
+                                                   GAP_LIMIT, BC=BC, SUBBLOCKS=subblocks, **meta,
+                                                   num_warps=SCORES_WARPS)
+        _key_gate_output_kernel[(n_chunks * NV, H)](scores, xg, z, w, out, plan.chunks, VZ=VZ, BV=BV, NV=NV,
+                                                    **strides, **meta, num_warps=STREAM_WARPS)
+    else:
+        for subblocks in (False, True):
+            _value_gate_output_kernel[(n_chunks * NV, H)](x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra,
+                                                          GAP_LIMIT, VZ=VZ, BC=BC, BV=BV, NV=NV, SUBBLOCKS=subblocks,
+                                                          **strides, **meta, num_warps=VALUE_GATE_WARPS)
     return out
 
 
