@@ -80,6 +80,9 @@ VARIANTS = {"recompute rows": dict(keep_rows=False),
             "rows no register cap": dict(rows_maxnreg=None),
             "spectral maxnreg 168": dict(spectral_maxnreg=168),
             "spectral maxnreg 128": dict(spectral_maxnreg=128),
+            "stacked products 1": dict(stacked_products=1),
+            "stacked products 2": dict(stacked_products=2),
+            "stacked products 2, keep spectra": dict(stacked_products=2, keep_spectra=True),
             "tile 32x16": dict(tile=512)}
 
 
@@ -124,8 +127,9 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
         stages[f"rows_dft k [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.channel_major_of(k), p)
         stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(
             k_rows, S.channel_major_of(dk), p)
-    for label, p in (("", plan), (", maxnreg 168", dataclasses.replace(plan, spectral_maxnreg=168)),
-                     (", maxnreg 128", dataclasses.replace(plan, spectral_maxnreg=128))):
+    for label, p in (("", plan), (", maxnreg 128", dataclasses.replace(plan, spectral_maxnreg=128)),
+                     (", stacked 1", dataclasses.replace(plan, stacked_products=1)),
+                     (", stacked 2", dataclasses.replace(plan, stacked_products=2))):
         stages[f"spectral product{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
         stages[f"spectral product, keeping spectra{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p,
                                                                                     y_rows, True)
