@@ -98,14 +98,15 @@ SPEC = OpSpec(
 
 
 VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segment): runtime knobs of chunk.py
+    ("combine 32 cols, 4 warps", {"combine": (32, 4, 1)}, True, None),
+    ("output 128 cols, 8 warps", {"output": (128, 8, 1)}, True, None),
+    ("local dvn 128 cols, 8 warps", {"local_dvn": (128, 8, 1)}, True, None),
+    ("gradient scans 64 cols, 8 warps", {"grad_summary": (64, 8, 2), "grad_scan": (64, 8, 2)}, True, None),
+    ("forward scans 64 cols, 8 warps", {"summary": (64, 8, 2), "states": (64, 8, 2)}, True, None),
     ("segments of 16 chunks", {}, True, 16),
     ("segments of 64 chunks", {}, True, 64),
-    ("recompute forward states", {}, False, None),
-    ("states scan 16 cols, 4 warps", {"states": (16, 4, 2)}, True, None),
-    ("summary 64 cols, 8 warps", {"summary": (64, 8, 2)}, True, None),
-    ("gradient scans 16 cols, 4 warps", {"grad_summary": (16, 4, 2), "grad_scan": (16, 4, 2)}, True, None),
-    ("gradient scans 32 cols, 4 warps", {"grad_summary": (32, 4, 2), "grad_scan": (32, 4, 2)}, True, None),
-    ("output 128 cols, 8 warps", {"output": (128, 8, 1)}, True, None),
+    ("gradient scans 3 stages", {"grad_summary": (32, 4, 3), "grad_scan": (32, 4, 3)}, True, None),
+    ("forward scans 3 stages", {"summary": (32, 4, 3), "states": (32, 4, 3)}, True, None),
 ]
 
 

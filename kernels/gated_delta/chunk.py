@@ -31,8 +31,9 @@ KEEP_FORWARD_STATES) gc, T, w and every chunk's h and vn, else recomputed.
 
 Implementation notes. Never transpose a tl.dot result (tl.trans of an MMA-layout tensor feeding another dot is
 miscompiled on Hopper by Triton 3.2-3.6; flash-linear-attention issue #640, triton issue #6124): transposed
-products are formed as their own dots of loaded operands, and the two C x C matrices needed both ways go through
-a scratch buffer. Dot operands are in the input dtype, accumulators and states in float32.
+products are formed as their own dots of loaded operands (dS and dS^T in _grads_qk_kernel), and the C x C matrix
+of _grads_wy_kernel needed both ways goes through a scratch buffer. Dot operands are in the input dtype,
+accumulators and states in float32.
 """
 from __future__ import annotations
 
@@ -393,7 +394,7 @@ def _bwd_scan_kernel(q, k, w, gc, do, dvl, dh, dvn, seg_dinit, gsum, dh0, segs, 
 
 
 @triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
-def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_end, scale,
+def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale,
                      H, HV, K: tl.constexpr, V: tl.constexpr,
                      BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
     """Backward, first half, per (chunk, value head): the gradients through the outputs and the leaving state.
@@ -404,6 +405,7 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
         dk = dQK^T q + (vn dh^T) * exp(gl - gc)             (completed by _grads_wy_kernel)
     and dgc, the gradient with respect to the cumulative log decays gc, from the same terms: scale dS * P moves
     gc_i up by its row sums and gc_j down by its column sums; (q * e) h, and exp(gl) h + (k * exp(gl - gc))^T vn.
+    dS and dS^T are both formed as products of loaded operands (a 64 x 64 x V product more, no scratch round trip).
     """
     i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
@@ -415,7 +417,8 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
     km = valid[:, None] & kmask[None, :]
     b_dq = tl.zeros([64, BK], dtype=tl.float32)  # do h^T
     b_dkh = tl.zeros([64, BK], dtype=tl.float32)  # vn dh^T
-    b_dST = tl.zeros([64, 64], dtype=tl.float32)  # vn do^T = dS^T
+    b_dS = tl.zeros([64, 64], dtype=tl.float32)  # do vn^T
+    b_dST = tl.zeros([64, 64], dtype=tl.float32)  # vn do^T
     b_hdh = tl.zeros([BK], dtype=tl.float32)  # rows of sum(h * dh)
     for i_v in range(NV):
         cv = i_v * BV + tl.arange(0, BV)
@@ -428,6 +431,7 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
         b_do = tl.load(do + at, mask=vm, other=0.0)
         b_dq += tl.dot(b_do, tl.trans(b_h))
         b_dkh += tl.dot(b_vn, tl.trans(b_dh))
+        b_dS += tl.dot(b_do, tl.trans(b_vn))
         b_dST += tl.dot(b_vn, tl.trans(b_do))
         b_hdh += tl.sum(b_dh.to(tl.float32) * b_h.to(tl.float32), axis=1)
     b_gc = tl.load(gc + tok * HV + i_hv, mask=valid, other=0.0)
@@ -439,9 +443,7 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, chunks, seq_
     incl = (r[:, None] >= r[None, :]) & both
     b_q = tl.load(q + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
     b_k = tl.load(k + (tok * H + i_h)[:, None] * K + rk[None, :], mask=km, other=0.0)
-    scratch = scratch + (i_c.to(tl.int64) * HV + i_hv) * 4096
-    b_dQK = _transpose_via_scratch(b_dST, scratch)
-    b_dQK = tl.where(incl, scale * b_dQK * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
+    b_dQK = tl.where(incl, scale * b_dS * tl.exp(tl.where(incl, b_gc[:, None] - b_gc[None, :], 0.0)), 0.0)
     b_Z = b_dQK * tl.dot(b_q, tl.trans(b_k))  # = scale dS * P
     b_dgc = tl.sum(b_Z, axis=1) - tl.sum(b_Z, axis=0)
     b_dgc += scale * tl.sum(b_dq * b_q.to(tl.float32), axis=1) * b_e
@@ -832,7 +834,7 @@ def chunk_backward(q, k, v, g, beta, scale, kept, seg_init, summary, do, dht, la
     BV, warps, stages = _tuned("grads", K, V)
     sizes = dict(K=K, V=V, BK=_pow2(K), BV=BV, NV=triton.cdiv(V, BV))
     _launch(_grads_qk_kernel, (layout.num_chunks, HV), _configs(warps, stages),
-            q, k, gc, h, dh, vn, do, dq, dk, dgc, scratch, layout.chunks, layout.seq_end, scale, H, HV, **sizes)
+            q, k, gc, h, dh, vn, do, dq, dk, dgc, layout.chunks, layout.seq_end, scale, H, HV, **sizes)
     _launch(_grads_wy_kernel, (layout.num_chunks, HV), _configs(warps, stages),
             k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, H, HV,
             **sizes)
