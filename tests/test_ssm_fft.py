@@ -28,11 +28,9 @@ def test_causal_fft_conv_matches_direct_sum(length, taps):
 
 # every tile shape and row-blocking of the kernels, forced at small T (the result does not depend on N >= 2T)
 # (R1, R2 x R3) = (32, 16x16), (32, 32x16), (64, 64x16), (256, 64x16): two row blocks and two K steps
-# and the three forms of the spectral kernels' complex products
-@pytest.mark.parametrize("fft_size,tile,stacked", [(8192, 256, 2), (16384, 1024, 1), (65536, 1024, 0),
-                                                   (262144, 1024, 2)])
-def test_causal_fft_conv_every_plan(fft_size, tile, stacked):
-    plan = fftconv.fft_plan(45, fft_size, tile, keep_rows=fft_size == 65536, stacked_products=stacked)
+@pytest.mark.parametrize("fft_size,tile", [(8192, 256), (16384, 1024), (65536, 1024), (262144, 1024)])
+def test_causal_fft_conv_every_plan(fft_size, tile):
+    plan = fftconv.fft_plan(45, fft_size, tile, keep_rows=fft_size == 65536)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
@@ -57,7 +55,7 @@ def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
 def test_causal_fft_conv_one_gradient(keep):
     """Only du, or only dk, asked for: the backward skips the other product (from recomputed rows or from the
     forward's kept spectra), batch 2."""
-    plan = fftconv.fft_plan(30, keep_rows=keep, keep_spectra=keep, stacked_products=2 if keep else 1)
+    plan = fftconv.fft_plan(30, keep_rows=keep, keep_spectra=keep)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
@@ -75,8 +73,6 @@ def test_default_plan_keeps_spectra_only_for_a_backward():
         assert not fftconv.default_plan(u, k).keep_rows
     with pytest.raises(ValueError, match="rows_group must be a power of two"):
         fftconv.fft_plan(40, rows_group=3)
-    with pytest.raises(ValueError, match="stacked_products must be 0, 1 or 2"):
-        fftconv.fft_plan(40, stacked_products=3)
     with pytest.raises(ValueError, match="keep_spectra needs keep_rows"):
         fftconv.fft_plan(40, keep_spectra=True)
 

@@ -78,11 +78,6 @@ VARIANTS = {"recompute rows": dict(keep_rows=False),
             "keep spectra": dict(keep_spectra=True),
             "rows n23-first (group 128)": dict(rows_group=128),
             "rows no register cap": dict(rows_maxnreg=None),
-            "spectral maxnreg 168": dict(spectral_maxnreg=168),
-            "spectral maxnreg 128": dict(spectral_maxnreg=128),
-            "stacked products 1": dict(stacked_products=1),
-            "stacked products 2": dict(stacked_products=2),
-            "stacked products 2, keep spectra": dict(stacked_products=2, keep_spectra=True),
             "tile 32x16": dict(tile=512)}
 
 
@@ -105,7 +100,7 @@ def _variant_impls() -> list[Impl]:
 def _stage_times(T: int, device: torch.device) -> list[str]:
     """Milliseconds of each kernel, fwd and bwd (float32 inputs; the in-place stages overwrite their inputs, so the
     values drift from call to call: the timing does not depend on them). The rows stages of the time-major signals
-    under every tile order (rows_group) and register cap; the spectral ones with and without kept spectra."""
+    under three tile orders and register caps; the spectral ones with and without kept spectra."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -127,16 +122,11 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
         stages[f"rows_dft k [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.channel_major_of(k), p)
         stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(
             k_rows, S.channel_major_of(dk), p)
-    for label, p in (("", plan), (", maxnreg 128", dataclasses.replace(plan, spectral_maxnreg=128)),
-                     (", stacked 1", dataclasses.replace(plan, stacked_products=1)),
-                     (", stacked 2", dataclasses.replace(plan, stacked_products=2))):
-        stages[f"spectral product{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
-        stages[f"spectral product, keeping spectra{label}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p,
-                                                                                    y_rows, True)
-        stages[f"spectral grad (du, dk){label}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2],
-                                                                       p, True, True)
-        stages[f"spectral grad, kept spectra{label}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1,
-                                                                            u.shape[2], p, True, True, True)
+    stages["spectral product"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows)
+    stages["spectral product, keeping spectra"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows, True)
+    stages["spectral grad (du, dk)"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True, True)
+    stages["spectral grad, kept spectra"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True,
+                                                           True, True)
     return [f"  {name:52} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]
 
 

@@ -62,11 +62,10 @@ class FFTPlan:
     """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
 
     keep_rows, keep_spectra: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of
-    this many consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg,
-    spectral_maxnreg: register caps per thread for the rows and the spectral kernels (None: the compiler's choice;
-    a cap lets more programs share an SM, at the price of spills). The rows kernels' 128 makes sure two programs
-    of 8 warps fit an SM (triton 3.9 compiles them to 140-178 registers, one program; no spills at 128).
-    stacked_products: how the spectral kernels multiply complex tiles (0, 1, 2: see _left_cdot's comment)."""
+    this many consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg: a
+    register cap per thread for the rows kernels (None: the compiler's choice); 128 makes sure two programs of 8
+    warps fit an SM (triton 3.9 compiles them to 140-178 registers, one program; no spills at 128). (Caps of 168
+    and 128 on the spectral kernels, 3 and 4 programs per SM, measured 0-3% slower on an H100.)"""
 
     n: int
     r1: int
@@ -76,8 +75,6 @@ class FFTPlan:
     keep_spectra: bool = False
     rows_group: int = 16
     rows_maxnreg: int | None = 128
-    spectral_maxnreg: int | None = None
-    stacked_products: int = 0
 
     @property
     def m(self) -> int:
@@ -95,8 +92,7 @@ class FFTPlan:
 
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
-             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
-             spectral_maxnreg: int | None = None, stacked_products: int = 0) -> FFTPlan:
+             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
@@ -112,13 +108,10 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
     r2, r3 = _TILE_SHAPES[m]
     if keep_spectra and not keep_rows:
         raise ValueError("keep_spectra needs keep_rows (the spectra are kept in the kept row buffers)")
-    if stacked_products not in (0, 1, 2):
-        raise ValueError(f"stacked_products must be 0, 1 or 2; got {stacked_products}")
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
     return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
-                   rows_group=rows_group, rows_maxnreg=rows_maxnreg, spectral_maxnreg=spectral_maxnreg,
-                   stacked_products=stacked_products)
+                   rows_group=rows_group, rows_maxnreg=rows_maxnreg)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,9 +135,7 @@ def _rows_tables(r1: int, n: int, device: torch.device) -> tuple[torch.Tensor, .
 def _spectral_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 tables of the spectral stage, computed in float64 (exact integer phases):
 
-    factors      F_R2 [2, R2, R2]; F_R3 [2, R3, R3]; the real forms S of F_R3 and of conj(F_R3), [2 R3, 2 R3]
-                 each: for F = Fr + i Fi, S[2 a + p, 2 b + q] = (Fr, Fi; -Fi, Fr)[p, q][a, b], so that [x] S = [x F]
-                 with [x] the interleaved (re, im) columns of x; tw_inner [2, R2, R3] = W_M^{k2 n3}; back to back;
+    factors      F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] = W_M^{k2 n3}, back to back;
     row twiddles [R1/2 + 1, 2, R2, R3] = W_N^{k1 (R3 n2 + n3)}.  (W_R = exp(-2 pi i / R); planes re, im.)
     """
     def unit(phase_numerator: torch.Tensor, r: int) -> torch.Tensor:
@@ -154,15 +145,8 @@ def _spectral_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) ->
     i2, i3 = torch.arange(r2, dtype=torch.float64), torch.arange(r3, dtype=torch.float64)
     k1 = torch.arange(r1 // 2 + 1, dtype=torch.float64)
     n23 = (i2[:, None] * r3 + i3[None, :]).flatten()
-
-    def stacked(f: torch.Tensor) -> torch.Tensor:  # [2, R, R] (re, im) -> the real [2 R, 2 R] form
-        fr, fi = f
-        return torch.stack([torch.stack([fr, fi], -1), torch.stack([-fi, fr], -1)], 1).reshape(2 * r3, 2 * r3)
-
-    f3 = unit(torch.outer(i3, i3), r3)
-    f3_conj = torch.stack([f3[0], -f3[1]])
-    factors = torch.cat([unit(torch.outer(i2, i2), r2).flatten(), f3.flatten(), stacked(f3).flatten(),
-                         stacked(f3_conj).flatten(), unit(torch.outer(i2, i3), r2 * r3).flatten()])
+    factors = torch.cat([unit(torch.outer(i2, i2), r2).flatten(), unit(torch.outer(i3, i3), r3).flatten(),
+                         unit(torch.outer(i2, i3), r2 * r3).flatten()])
     rows = unit(torch.outer(k1, n23), n).transpose(0, 1)
     return (factors.to(device=device, dtype=torch.float32).contiguous(),
             rows.to(device=device, dtype=torch.float32).contiguous())
@@ -292,60 +276,18 @@ def _rows_idft_kernel(rows_ptr, y_ptr, mc_ptr, ms_ptr, length, channels, stride_
 # ran every product twice (chained dots get all warps along the rows) and spilled at 255 registers.
 
 
-# Complex tiles live as (re, im) pairs of [R2, R3] float32 tensors. A complex product is either four real tensor-core
-# products (STACKED = 0) or fewer, larger ones on the interleaved form [x] = [R2, 2 R3] (column 2 n3 + (0: re, 1: im)):
-# x F_R3 = [x] S, one product with the real [2 R3, 2 R3] form S of F_R3 (STACKED >= 1), and
-# F_R2 x = Re F_R2 [x] + Im F_R2 [i x], one chain of two (STACKED = 2). Per 2-D transform that is 8, 5 or 3 dependent
-# wgmma groups: the spectral kernels are bound by the latency of each group's wait, not by flops. The interleaving
-# and its inverse cost layout conversions through shared memory instead (counted in the sm_90 SASS).
-
-
 @triton.jit
-def _joined(xr, xi):
-    """[x], by tl.join: for a left tensor-core operand (as a right operand, triton 3.9's sm_90 compile stopped with
-    'Illegal shared layout'; _interleaved is the form for it)."""
-    R2: tl.constexpr = xr.shape[0]
-    R3: tl.constexpr = xr.shape[1]
-    return tl.reshape(tl.join(xr, xi), (R2, 2 * R3))
-
-
-@triton.jit
-def _interleaved(xr, xi):
-    """[x], by broadcast and select."""
-    R2: tl.constexpr = xr.shape[0]
-    R3: tl.constexpr = xr.shape[1]
-    even = (tl.arange(0, 2 * R3) % 2 == 0)[None, :]
-    return tl.where(even, tl.reshape(tl.broadcast_to(xr[:, :, None], (R2, R3, 2)), (R2, 2 * R3)),
-                    tl.reshape(tl.broadcast_to(xi[:, :, None], (R2, R3, 2)), (R2, 2 * R3)))
-
-
-@triton.jit
-def _split(x):
-    """[x] -> (re, im)."""
-    R2: tl.constexpr = x.shape[0]
-    R3: tl.constexpr = x.shape[1] // 2
-    return tl.split(tl.reshape(x, (R2, R3, 2)))
-
-
-@triton.jit
-def _left_cdot(fr, fi, xr, xi, CONJ: tl.constexpr, STACKED: tl.constexpr):
-    """(fr + i fi) @ x, or conj(f) @ x (= fr @ x + fi @ (-i x))."""
-    if STACKED == 2:
-        if CONJ:
-            turned = _interleaved(xi, -xr)
-        else:
-            turned = _interleaved(-xi, xr)
-        return _split(tl.dot(fr, _interleaved(xr, xi), tl.dot(fi, turned)))
+def _left_cdot(fr, fi, xr, xi, CONJ: tl.constexpr):
+    """(fr + i fi) @ (xr + i xi), or conj(f) @ x, as four real products (the Gauss three-product form, measured in
+    compiled SASS, spills at the wgmma tile shape)."""
     if CONJ:
         return tl.dot(fr, xr, tl.dot(fi, xi)), tl.dot(fr, xi) - tl.dot(fi, xr)
     return tl.dot(fr, xr) - tl.dot(fi, xi), tl.dot(fr, xi, tl.dot(fi, xr))
 
 
 @triton.jit
-def _right_cdot(xr, xi, fr, fi, stacked, CONJ: tl.constexpr, STACKED: tl.constexpr):
-    """x @ f, or x @ conj(f); ``stacked`` is the real form of f or of conj(f) (STACKED >= 1)."""
-    if STACKED >= 1:
-        return _split(tl.dot(_joined(xr, xi), stacked))
+def _right_cdot(xr, xi, fr, fi, CONJ: tl.constexpr):
+    """x @ f, or x @ conj(f)."""
     if CONJ:
         return tl.dot(xr, fr, tl.dot(xi, fi)), tl.dot(xi, fr) - tl.dot(xr, fi)
     return tl.dot(xr, fr) - tl.dot(xi, fi), tl.dot(xr, fi, tl.dot(xi, fr))
@@ -353,47 +295,45 @@ def _right_cdot(xr, xi, fr, fi, stacked, CONJ: tl.constexpr, STACKED: tl.constex
 
 @triton.jit
 def _row_factors(row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
-    """Row k1's twiddle W_N^{k1 n23}, F_R2, the inner twiddle W_M^{k2 n3}, F_R3 (each as re, im) and the real
-    [2 R3, 2 R3] forms of F_R3 and conj(F_R3), from the tables (see _spectral_tables; a kernel that uses only some
-    of them never loads the others)."""
+    """Row k1's twiddle W_N^{k1 n23}, F_R2, the inner twiddle W_M^{k2 n3} and F_R3, each as (re, im), from the
+    tables: F_R2 [2, R2, R2], F_R3 [2, R3, R3], tw_inner [2, R2, R3] back to back."""
     M: tl.constexpr = R2 * R3
     i2 = tl.arange(0, R2)
     i3 = tl.arange(0, R3)
-    s3 = tl.arange(0, 2 * R3)
     tile = i2[:, None] * R3 + i3[None, :]
     f2 = tables + i2[:, None] * R2 + i2[None, :]
     f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
-    stacked = tables + 2 * R2 * R2 + 2 * R3 * R3 + s3[:, None] * (2 * R3) + s3[None, :]
-    inner = tables + 2 * R2 * R2 + 10 * R3 * R3 + tile
+    inner = tables + 2 * R2 * R2 + 2 * R3 * R3 + tile
     return (tl.load(row_twiddle + tile), tl.load(row_twiddle + M + tile), tl.load(f2), tl.load(f2 + R2 * R2),
-            tl.load(inner), tl.load(inner + M), tl.load(f3), tl.load(f3 + R3 * R3), tl.load(stacked),
-            tl.load(stacked + 4 * R3 * R3))
+            tl.load(inner), tl.load(inner + M), tl.load(f3), tl.load(f3 + R3 * R3))
 
 
 @triton.jit
-def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i, s3, s3_conj, STACKED: tl.constexpr):
+def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3]."""
-    br, bi = _left_cdot(f2r, f2i, ar * twr - ai * twi, ar * twi + ai * twr, False, STACKED)
-    return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, f3r, f3i, s3, False, STACKED)
+    br, bi = _left_cdot(f2r, f2i, ar * twr - ai * twi, ar * twi + ai * twr, False)
+    return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, f3r, f3i, False)
 
 
 @triton.jit
-def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i, s3, s3_conj, STACKED: tl.constexpr):
+def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage."""
-    cr, ci = _right_cdot(yr, yi, f3r, f3i, s3_conj, True, STACKED)
-    xr, xi = _left_cdot(f2r, f2i, cr * tir + ci * tii, ci * tir - cr * tii, True, STACKED)
+    cr, ci = _right_cdot(yr, yi, f3r, f3i, True)
+    xr, xi = _left_cdot(f2r, f2i, cr * tir + ci * tii, ci * tir - cr * tii, True)
     return xr * twr + xi * twi, xi * twr - xr * twi
 
 
 # The spectral kernels walk one flat loop over their (channel, batch) items, b fastest. K's spectrum is recomputed
 # for every item: free at B = 1, the usual case. (Software-pipelining this loop, stages = 2, measured 6% slower on an
-# H100: the loop is bound by the latency of its chain of small dependent wgmma groups, not by its loads.)
+# H100. Fewer, wider products -- each complex product on the interleaved real form [x] = [R2, 2 R3], x F_R3 as one
+# product with F_R3's real [2 R3, 2 R3] form, F_R2 x as one chain of two: 5 or 3 wgmma waits per 2-D transform
+# instead of 8 -- measured 12-18% and 45-50% slower: the interleaving's layout conversions through shared memory
+# (25 and 46 barriers per product item instead of 17) cost more than the waits saved.)
 
 
 @triton.jit
 def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items_per_program,
-                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr,
-                             STACKED: tl.constexpr):
+                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr):
     """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows unless
     KEEP_SPECTRA). KEEP_SPECTRA: the spectra DFT2(u_rows), DFT2(k_rows) are written over their rows, for the
     backward (K's at the channel's last batch row: the earlier ones still read k_rows)."""
@@ -409,10 +349,9 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
         # int64 before the product: c SEQ passes 2^31 from 8192 channels at T = 131072
         k_row = k_rows + (row + c.to(tl.int64) * SEQ)
         offset = row + ((item % batch) * channels + c).to(tl.int64) * SEQ
-        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors, STACKED)
-        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors,
-                               STACKED)
-        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors, STACKED)
+        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
+        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors)
+        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
         tl.store(y_rows + offset + tile, yr)
         tl.store(y_rows + offset + M + tile, yi)
         if KEEP_SPECTRA:
@@ -426,7 +365,7 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
 @triton.jit
 def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, batch, channels,
                           items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
-                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr, STACKED: tl.constexpr):
+                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
     may be k_rows). SPECTRA: u_rows and k_rows hold the spectra U, K (the forward's KEEP_SPECTRA), not rows.
 
@@ -446,23 +385,23 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
         k_row = k_rows + (row + c.to(tl.int64) * SEQ)
         dk_row = dk_rows + (row + c.to(tl.int64) * SEQ)
         dy_row = dy_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
-        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors, STACKED)
+        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors)
         if NEED_DU:  # DY conj(K)
             kr, ki = tl.load(k_row + tile), tl.load(k_row + M + tile)
             if not SPECTRA:
-                kr, ki = _row_spectrum(kr, ki, *factors, STACKED)
-            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors, STACKED)
+                kr, ki = _row_spectrum(kr, ki, *factors)
+            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors)
             tl.store(dy_row + tile, dur)
             tl.store(dy_row + M + tile, dui)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
             ur, ui = tl.load(u_row + tile), tl.load(u_row + M + tile)
             if not SPECTRA:
-                ur, ui = _row_spectrum(ur, ui, *factors, STACKED)
+                ur, ui = _row_spectrum(ur, ui, *factors)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
-                outr, outi = _row_inverse(dkr, dki, *factors, STACKED)
+                outr, outi = _row_inverse(dkr, dki, *factors)
                 tl.store(dk_row + tile, outr)
                 tl.store(dk_row + M + tile, outi)
                 dkr = tl.zeros([R2, R3], dtype=tl.float32)
@@ -551,10 +490,7 @@ def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.devic
 
 
 def _spectral_options(plan: FFTPlan) -> dict:
-    options = dict(R2=plan.r2, R3=plan.r3, STACKED=plan.stacked_products, num_warps=plan.spectral_warps, num_stages=1)
-    if plan.spectral_maxnreg:
-        options["maxnreg"] = plan.spectral_maxnreg
-    return options
+    return dict(R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps, num_stages=1)
 
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
