@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 
 import torch
@@ -556,11 +555,12 @@ class Layout:
 
 
 def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: torch.device) -> int:
-    """Chunks per segment: about sqrt(chunks) (a power of two), which balances the scans' depth 2 L against the
-    fold's chunks / L steps (a fold step costs more than a scan step: of 8, 16 and 32 chunks at 65k tokens, 32 was
-    fastest on an H100, NOTES.md), unless the unsegmented pass already has enough programs to fill the GPU (or no
-    GPU: the interpreter gains nothing). The environment variable LCTRAIN_GDN_SEGMENT_CHUNKS overrides it (for
-    benchmarks)."""
+    """Chunks per segment: the smallest power of two L with L^2 >= 2 chunks (64 at 65k tokens), unless the
+    unsegmented pass already has enough programs to fill the GPU (or no GPU: the interpreter gains nothing). The
+    folds' depth is chunks / L steps, each dearer than a scan step, while the scans cost about the same at any L
+    as long as their programs fill the GPU: at 65k tokens on an H100, segments of 8, 16, 32, 64 chunks gave fwd+bwd
+    17.9 / 16.7 / 16.0 ms (v1) and 11.86 / 11.20 / 11.10 ms (v5, folds 0.93 / 0.47 / 0.22 ms; NOTES.md). The
+    environment variable LCTRAIN_GDN_SEGMENT_CHUNKS overrides it (for benchmarks)."""
     override = os.environ.get("LCTRAIN_GDN_SEGMENT_CHUNKS")
     if override:
         return max(1, int(override))
@@ -568,7 +568,7 @@ def auto_segment_chunks(longest_chunks: int, programs_per_segment: int, device: 
         return max(1, longest_chunks)
     if programs_per_segment >= 4 * torch.cuda.get_device_properties(device).multi_processor_count:
         return longest_chunks
-    return 2 ** max(0, round(math.log2(math.sqrt(longest_chunks))))
+    return 1 << ((2 * longest_chunks - 1).bit_length() + 1) // 2
 
 
 def build_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, device: torch.device,
@@ -628,11 +628,11 @@ def _pow2(n: int) -> int:
 # blocks shrink for wider keys so that a program's K x columns float32 tile stays at 128 x 64 at most.
 TUNING = {
     "prepare": (64, 4, 1),  # _wy_prepare_kernel (columns of u)
-    "summary": (32, 4, 2),  # _fwd_scan_kernel, SUMMARY
-    "states": (32, 4, 2),  # _fwd_scan_kernel, writing h and vn
+    "summary": (32, 4, 3),  # _fwd_scan_kernel, SUMMARY
+    "states": (32, 4, 3),  # _fwd_scan_kernel, writing h and vn
     "output": (64, 4, 1),  # _output_kernel
-    "combine": (64, 8, 1),  # _combine_kernel
-    "local_dvn": (64, 4, 1),  # _local_dvn_kernel
+    "combine": (32, 4, 1),  # _combine_kernel (64 programs at 16 heads of 128: 0.33 ms for the two folds, was 0.47)
+    "local_dvn": (128, 8, 1),  # _local_dvn_kernel (q k^T once per chunk: 0.48 ms, was 0.61 at 64 columns)
     "grad_summary": (32, 4, 2),  # _bwd_scan_kernel, SUMMARY
     "grad_scan": (32, 4, 2),  # _bwd_scan_kernel, writing dh and dvn
     "grads": (64, 8, 2),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
