@@ -163,6 +163,42 @@ def test_gated_linear_attention_scalar_decay():
     compare_with_reference(op(chunk_gated_linear_attention), op(recurrent_gated_linear_attention), x, TOL)
 
 
+def test_deferred_chunks_mixed_with_common_ones():
+    """Sub-block chunks and one-product chunks in one launch pair: strong gates on one head's second chunk and one of
+    the two 64-column blocks of the gated dim (V = 80), damped gates elsewhere, so the common launch defers some
+    (chunk, head, column block) items to the device list and does the rest, in the forward and every backward call."""
+    gen = torch.Generator().manual_seed(7)
+    T, H, v_dim = 130, 2, 80
+    g = F.logsigmoid(torch.randn(1, T, H, v_dim, generator=gen)) / 4  # drops ~15 per chunk
+    g[:, 64:128, 1, 64:] = F.logsigmoid(30 * torch.randn(1, 64, v_dim - 64, generator=gen) - 10)
+    chunk_drops = -g[0, :128].view(2, 64, H, v_dim)[:, 1:].sum(1)  # [chunk, head, column]
+    blocks = torch.stack([chunk_drops[..., :64].amax(-1), chunk_drops[..., 64:].amax(-1)], -1)  # [chunk, head, block]
+    rare = blocks > gsa_chunk.GAP_LIMIT
+    assert rare.sum() == 1 and bool(rare[1, 1, 1])
+    x = {"q": torch.randn(1, T, H, K, generator=gen), "k": torch.randn(1, T, H, K, generator=gen),
+         "v": torch.randn(1, T, H, v_dim, generator=gen), "g": g, "h0": torch.randn(1, H, K, v_dim, generator=gen)}
+    compare_with_reference(gla_op(chunk_gated_linear_attention, "value"),
+                           gla_op(recurrent_gated_linear_attention, "value"), x, TOL)
+
+
+def test_recomputed_states(monkeypatch):
+    """KEEP_FORWARD_STATES off: the backward recomputes the boundary states from the units' initial states (split
+    sequences, documents); the gradients equal those from the kept states exactly (same kernels, same inputs)."""
+    docs = [5, 64, 70]
+    x = gsa_inputs(1, sum(docs), docs=docs)
+    monkeypatch.setattr(gsa_chunk, "UNIT_CHUNKS", 1)
+    grads = {}
+    for keep in (True, False):
+        monkeypatch.setattr(gsa_chunk, "KEEP_FORWARD_STATES", keep)
+        leaves = {name: t.clone().requires_grad_(name != "cu_seqlens") for name, t in x.items()}
+        o, (hk, hv) = gsa_op(chunk_gsa, True)(**leaves)
+        (o.sum() + hk.square().sum() + hv.sum()).backward()
+        grads[keep] = {name: t.grad for name, t in leaves.items() if t.requires_grad}
+    for name, grad in grads[True].items():
+        assert torch.equal(grad, grads[False][name]), name
+    compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True), x, TOL)
+
+
 @settings(max_examples=8, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 70), H=st.just(1), k_dim=st.sampled_from([16, 24, 40]),
        v_dim=st.sampled_from([8, 20]), m_dim=st.sampled_from([4, 16, 17]), init=st.booleans(), final=st.booleans(),

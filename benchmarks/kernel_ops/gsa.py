@@ -70,10 +70,20 @@ SPEC = OpSpec(
 )
 
 
+# Settings of kernels/gsa/chunk.py timed against the defaults at the last length by profile().
+VARIANTS = {
+    "recompute states": {"KEEP_FORWARD_STATES": False},
+    "every chunk deferred to the sub-block launch": {"GAP_LIMIT": -1.0},
+}
+
+
 def profile(lengths=LENGTHS) -> None:
-    """lctrain alone (no peer to compile or autotune): fwd and fwd+bwd at each length, then a per-kernel CUDA time
-    table of one fwd+bwd at the last length.  Run from benchmarks/:  python -m kernel_ops.gsa [T ...]"""
+    """lctrain alone (no peer to compile or autotune): fwd and fwd+bwd at each length, the VARIANTS at the last
+    length, then a per-kernel CUDA time table of one fwd+bwd at the last length.
+    Run from benchmarks/:  python -m kernel_ops.gsa [T ...]"""
     from harness import step_functions, time_ms
+
+    import lctrain.kernels.gsa.chunk as gsa_chunk
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     lct = _lctrain()
@@ -81,6 +91,15 @@ def profile(lengths=LENGTHS) -> None:
     for T in lengths:
         fwd, fwd_bwd = step_functions(lct.forward, [make_inputs(T, seed, device, dtype) for seed in range(3)])
         print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}", flush=True)
+    for name, settings in VARIANTS.items():
+        saved = {key: getattr(gsa_chunk, key) for key in settings}
+        for key, value in settings.items():
+            setattr(gsa_chunk, key, value)
+        try:
+            print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}  ({name})", flush=True)
+        finally:
+            for key, value in saved.items():
+                setattr(gsa_chunk, key, value)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fwd_bwd(0)
         torch.cuda.synchronize()

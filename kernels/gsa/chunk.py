@@ -14,8 +14,10 @@ one of two factorisations, chosen per chunk from its gate drop (max over the gat
         r = b at the chunk's first row, exp(b_i - r) <= 1 and exp(r - b_j) <= e^drop, one masked matrix product;
     otherwise (shut gates, resets): BC-token sub-blocks; across them the same product through the reference of the
         output sub-block's first row, inside them an elementwise sum, one column of every diagonal sub-block at a time.
-Each kernel with an intra term is compiled for either case and launched twice, each launch skipping the other's
-chunks, so that the rare case's registers do not limit the common case's occupancy.
+Each kernel with an intra term is compiled for either case, so that the rare case's registers do not limit the common
+case's occupancy: a launch over every chunk does the common ones and appends the others to a device list (an atomic
+counter), and a small persistent launch of the sub-block kernel walks that list (at once done when it is empty: no
+host synchronisation, and no launch of thousands of programs that each skip).
 
 Kernels (each serves every gate side and direction; REVERSE reads a chunk's rows backwards, which turns the
 backward's anti-causal sums into the forward's causal ones):
@@ -43,8 +45,13 @@ reverse scan of (q, do)); with s the gate side and s' the other one:
 and the gate gradient, from d/db_i of the chunk form, is for each chunk
     dg_i = sum_{i' >= i in chunk} x_i' + z_end,   x = q*dq - k*dk (key gate) or o*do - v*dv (value gate),
     z_end = rowsum (key gate) or colsum (value gate) of dh_end * h_end at the chunk's end boundary.
-States are recomputed in the backward instead of stored by the forward; they are kept in the inputs' dtype, the
-carried state and everything returned as a state in float32.
+Boundary states are kept in the inputs' dtype (the products' operand type), the carried state and everything
+returned as a state in float32. With KEEP_FORWARD_STATES (the default) the forward's boundary states and gc (and
+GSA's softmax p) are kept for the backward: per GSA layer (T/64 + 1) * H * (K*M + M*V) states in the inputs' dtype
+(bf16 at T = 65536, H = 4, K = V = 512, M = 64: 2 x 268 MB; with gc (float32) 67 MB and p 34 MB, ~0.64 GB) until its
+backward; under activation checkpointing only the recompute holds them. Off, the backward recomputes them with one
+scan per pass from the units' initial states (0.83 ms per GSA fwd+bwd at that size on an H100). Both give the same
+states bit for bit (same kernel, same inputs), hence the same gradients and error bounds.
 
 Note: no kernel transposes the result of a tl.dot (Triton 3.4-3.7.0 miscompiles that on Hopper; see fla issue #640).
 """
@@ -67,6 +74,8 @@ BC = 8  # sub-block length of the intra-chunk factorisation
 # one reference row (factors up to e^60 ~ 1e26: no overflow in float32 or bfloat16 products); chunks with a larger
 # drop (strongly shut gates, resets) take the sub-block factorisation.
 GAP_LIMIT = 60.0
+# Keep the forward's boundary states (and gc, p) for the backward instead of recomputing them (module docstring).
+KEEP_FORWARD_STATES = True
 # Chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU).
 UNIT_CHUNKS: int | None = None
 # Warps per program, from sm_90 compile reports (Triton 3.9; common case): the scores kernel 124-128 registers at 8
@@ -119,8 +128,7 @@ def _unit_chunks(total_chunks: int, programs_per_unit: int, device: torch.device
     if device.type != "cuda":
         return None
     # Enough scan programs to fill the GPU several times over; below 8 chunks a unit costs more than it saves.
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    units = triton.cdiv(8 * sms, programs_per_unit)
+    units = triton.cdiv(8 * _sm_count(device), programs_per_unit)
     return max(8, triton.cdiv(total_chunks, units))
 
 
@@ -393,15 +401,10 @@ def _chunk_gate_drop(gc, last_tok, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _skips_chunk(drop, gap_limit, SUBBLOCKS: tl.constexpr):
-    """Each output kernel is compiled twice: for the chunks whose gate drop is within gap_limit (one product
-    through one reference row) and for the rest (SUBBLOCKS), so that the rare case's registers do not limit the
-    common one's occupancy; both are launched, and each skips the other's chunks."""
-    if SUBBLOCKS:
-        skip = drop <= gap_limit
-    else:
-        skip = drop > gap_limit
-    return skip
+def _defer(item, rare, rare_count):
+    """Common-case launch, for a chunk whose gate drop exceeds gap_limit: append it (as item) to the device list that
+    the sub-block launch walks (in any order: every item writes its own outputs)."""
+    tl.store(rare + tl.atomic_add(rare_count, 1), item)
 
 
 @triton.jit
@@ -419,7 +422,7 @@ def _exponent_from_first_row(gc, G, rd, valid, D: tl.constexpr, REVERSE: tl.cons
 
 
 @triton.jit
-def _key_gate_scores_kernel(x, y, gc, scores, xg, chunks, scale_inter, scale_intra, gap_limit,
+def _key_gate_scores_kernel(x, y, gc, scores, xg, chunks, rare, rare_count, scale_inter, scale_intra, gap_limit,
                             H: tl.constexpr, KX: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                             SUBBLOCKS: tl.constexpr, REVERSE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Gate on x's dim, one chunk and head (rows i, j in reading order, bb the cumulative gate in that order): the
@@ -429,9 +432,31 @@ def _key_gate_scores_kernel(x, y, gc, scores, xg, chunks, scale_inter, scale_int
     Off the diagonal sub-blocks the sum factors through the reference r = bb at the first row of the output
     sub-block (exp(bb_i - r) <= 1, exp(r - bb_j) <= 1) into a masked matrix product; on them it is summed
     elementwise, column jj of every sub-block per step (a factorisation there could overflow: bb_j - bb_i is
-    unbounded for strong gates)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    head0, n, slot, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
+    unbounded for strong gates).
+    Launched per (chunk, head) for the common case, which defers the chunks with larger gate drops to a list;
+    with SUBBLOCKS, a few programs walk that list."""
+    if SUBBLOCKS:
+        for item in range(tl.program_id(0), tl.load(rare_count), tl.num_programs(0)):
+            entry = tl.load(rare + item)
+            head0, n, _, tok = _chunk_rows(chunks, entry // H, entry % H, H, BT, REVERSE)
+            _key_gate_scores(x, y, gc, scores, xg, head0, n, tok, scale_inter, scale_intra, H, KX, BT, BC, BK, True,
+                             REVERSE, DT, PREC)
+    else:
+        i_c, i_h = tl.program_id(0), tl.program_id(1)
+        head0, n, _, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
+        if _chunk_gate_drop(gc + head0 * KX, (n - 1) * H, KX, BK) > gap_limit:
+            _defer(i_c * H + i_h, rare, rare_count)
+        else:
+            _key_gate_scores(x, y, gc, scores, xg, head0, n, tok, scale_inter, scale_intra, H, KX, BT, BC, BK, False,
+                             REVERSE, DT, PREC)
+
+
+@triton.jit
+def _key_gate_scores(x, y, gc, scores, xg, head0, n, tok, scale_inter, scale_intra, H: tl.constexpr,
+                     KX: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, SUBBLOCKS: tl.constexpr,
+                     REVERSE: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """_key_gate_scores_kernel's work for one chunk and head (_chunk_rows' head0, n, tok), in one of the two
+    factorisations."""
     x += head0 * KX
     y += head0 * KX
     gc += head0 * KX
@@ -441,8 +466,6 @@ def _key_gate_scores_kernel(x, y, gc, scores, xg, chunks, scale_inter, scale_int
     cols = tl.arange(0, BT)
     valid = rows < n
     last_tok = (n - 1) * H
-    if _skips_chunk(_chunk_gate_drop(gc, last_tok, KX, BK), gap_limit, SUBBLOCKS):
-        return
     A = tl.zeros([BT, BT], dtype=tl.float32)
     for kb in range(tl.cdiv(KX, BK)):
         rk = kb * BK + tl.arange(0, BK)
@@ -520,7 +543,7 @@ def _key_gate_output_kernel(scores, xg, z, w, out, chunks, H: tl.constexpr, KX: 
 
 
 @triton.jit
-def _value_gate_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_intra, gap_limit,
+def _value_gate_output_kernel(x, y, z, gc, w, out, chunks, rare, rare_count, scale_inter, scale_intra, gap_limit,
                               H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr,
                               BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
                               SUBBLOCKS: tl.constexpr, REVERSE: tl.constexpr, STRIDE_A: tl.constexpr,
@@ -528,10 +551,36 @@ def _value_gate_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_in
     """Gate on z's dim, one chunk, head and block of BV output columns (rows in reading order, bb the cumulative
     gate in that order): out_i = scale_inter * (x_i W) * exp(bb_i) + scale_intra * sum_{j <= i} (x_i . y_j) z_j *
     exp(bb_i - bb_j). One pass over x's dim gives both x y^T and x W; the gated intra sum is then factored as in
-    _key_gate_scores_kernel, along z's dim. w as in _key_gate_output_kernel."""
-    i_cv, i_h = tl.program_id(0), tl.program_id(1)
-    i_c, i_v = i_cv // NV, i_cv % NV
-    head0, n, slot, tok = _chunk_rows(chunks, i_c, i_h, H, BT, REVERSE)
+    _key_gate_scores_kernel, along z's dim. w as in _key_gate_output_kernel. Launched as
+    _key_gate_scores_kernel is, per (chunk and column block, head), each column block judged by its own gate drop."""
+    if SUBBLOCKS:
+        for item in range(tl.program_id(0), tl.load(rare_count), tl.num_programs(0)):
+            entry = tl.load(rare + item)
+            i_cv, i_h = entry // H, entry % H
+            head0, n, slot, tok = _chunk_rows(chunks, i_cv // NV, i_h, H, BT, REVERSE)
+            _value_gate_output(x, y, z, gc, w, out, head0, n, slot, tok, i_cv % NV, i_h, scale_inter, scale_intra,
+                               H, KX, VZ, BT, BC, BK, BV, True, REVERSE, STRIDE_A, STRIDE_B, DT, PREC)
+    else:
+        i_cv, i_h = tl.program_id(0), tl.program_id(1)
+        head0, n, slot, tok = _chunk_rows(chunks, i_cv // NV, i_h, H, BT, REVERSE)
+        rv = (i_cv % NV) * BV + tl.arange(0, BV)
+        first = tl.load(gc + head0 * VZ + rv, mask=rv < VZ, other=0.0)
+        # of this block's columns: each output column is gated on its own
+        drop = tl.max(first - tl.load(gc + (head0 + (n - 1) * H) * VZ + rv, mask=rv < VZ, other=0.0), axis=0)
+        if drop > gap_limit:
+            _defer(i_cv * H + i_h, rare, rare_count)
+        else:
+            _value_gate_output(x, y, z, gc, w, out, head0, n, slot, tok, i_cv % NV, i_h, scale_inter, scale_intra,
+                               H, KX, VZ, BT, BC, BK, BV, False, REVERSE, STRIDE_A, STRIDE_B, DT, PREC)
+
+
+@triton.jit
+def _value_gate_output(x, y, z, gc, w, out, head0, n, slot, tok, i_v, i_h, scale_inter, scale_intra,
+                       H: tl.constexpr, KX: tl.constexpr, VZ: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, SUBBLOCKS: tl.constexpr, REVERSE: tl.constexpr,
+                       STRIDE_A: tl.constexpr, STRIDE_B: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """_value_gate_output_kernel's work for one chunk (_chunk_rows' head0, n, slot, tok), head and column block
+    i_v, in one of the two factorisations."""
     x += head0 * KX
     y += head0 * KX
     z += head0 * VZ
@@ -541,10 +590,6 @@ def _value_gate_output_kernel(x, y, z, gc, w, out, chunks, scale_inter, scale_in
     valid = rows < n
     last_tok = (n - 1) * H
     rv = i_v * BV + tl.arange(0, BV)
-    drop = tl.max(tl.load(gc + rv, mask=rv < VZ, other=0.0) - tl.load(gc + last_tok * VZ + rv, mask=rv < VZ, other=0.0),
-                  axis=0)  # of this block's columns: each output column is gated on its own
-    if _skips_chunk(drop, gap_limit, SUBBLOCKS):
-        return
     w_base = w + (slot * H + i_h) * KX * VZ
     A0 = tl.zeros([BT, BT], dtype=tl.float32)
     inter = tl.zeros([BT, BV], dtype=tl.float32)
@@ -713,8 +758,9 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
 
 
 def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_transposed: bool,
-                 scale_inter: float, scale_intra: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """out = scale_inter * inter + scale_intra * intra (see the output kernels), gate on x's dim (gate_key) or z's."""
+                 scale_inter: float, scale_intra: float, out_dtype: torch.dtype, rare_count: torch.Tensor) -> torch.Tensor:
+    """out = scale_inter * inter + scale_intra * intra (see the output kernels), gate on x's dim (gate_key) or z's.
+    rare_count: a zeroed int32 counter (one element, see rare_counters) for the list of sub-block chunks."""
     B, T, H, KX = x.shape
     VZ = z.shape[3]
     out = new_output((B, T, H, VZ), out_dtype, x.device)
@@ -723,21 +769,36 @@ def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_tr
     NV = triton.cdiv(VZ, BV)
     meta = dict(H=H, KX=KX, BT=BT, BK=BK, REVERSE=reverse, **_dot_args(w.dtype))
     strides = dict(STRIDE_A=1 if w_transposed else VZ, STRIDE_B=KX if w_transposed else 1)
+    items = n_chunks * (1 if gate_key else NV) * H  # the common launch's programs, any of which may defer
+    rare = torch.empty(items, dtype=torch.int32, device=x.device)  # read only below the count the kernels write
+    grids = ((items // H, H), (_rare_programs(items, x.device),))  # (common, sub-block) launch
     if gate_key:
         scores = new_output((B, T, H, BT), w.dtype, x.device)
         xg = new_output((B, T, H, KX), w.dtype, x.device)
-        for subblocks in (False, True):
-            _key_gate_scores_kernel[(n_chunks, H)](x, y, gc, scores, xg, plan.chunks, scale_inter, scale_intra,
-                                                   GAP_LIMIT, BC=BC, SUBBLOCKS=subblocks, **meta,
-                                                   num_warps=SCORES_WARPS)
+        for subblocks, grid in zip((False, True), grids):
+            _key_gate_scores_kernel[grid](x, y, gc, scores, xg, plan.chunks, rare, rare_count, scale_inter,
+                                          scale_intra, GAP_LIMIT, BC=BC, SUBBLOCKS=subblocks, **meta,
+                                          num_warps=SCORES_WARPS)
         _key_gate_output_kernel[(n_chunks * NV, H)](scores, xg, z, w, out, plan.chunks, VZ=VZ, BV=BV, NV=NV,
                                                     **strides, **meta, num_warps=STREAM_WARPS)
     else:
-        for subblocks in (False, True):
-            _value_gate_output_kernel[(n_chunks * NV, H)](x, y, z, gc, w, out, plan.chunks, scale_inter, scale_intra,
-                                                          GAP_LIMIT, VZ=VZ, BC=BC, BV=BV, NV=NV, SUBBLOCKS=subblocks,
-                                                          **strides, **meta, num_warps=VALUE_GATE_WARPS)
+        for subblocks, grid in zip((False, True), grids):
+            _value_gate_output_kernel[grid](x, y, z, gc, w, out, plan.chunks, rare, rare_count, scale_inter,
+                                            scale_intra, GAP_LIMIT, VZ=VZ, BC=BC, BV=BV, NV=NV, SUBBLOCKS=subblocks,
+                                            **strides, **meta, num_warps=VALUE_GATE_WARPS)
     return out
+
+
+def _rare_programs(items: int, device: torch.device) -> int:
+    """Programs of a sub-block launch: each walks every so-many entries of the list of deferred chunks (up to
+    items) and exits at once past its length. Two per SM fill the GPU when every chunk is deferred (those kernels
+    hold one 8-warp program per SM); on CPU (the interpreter) a few."""
+    per_device = 2 * _sm_count(device) if device.type == "cuda" else 4
+    return max(1, min(items, per_device))
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def slot_softmax(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -769,25 +830,33 @@ def gate_terms(scores, p_in, dp, dscores, ds_v, ds_k, s):
     return ds, x
 
 
-def gla_forward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, out_dtype):
-    """(o = scale * S_t^T q_t, final states float32, the units' initial states for the backward's recompute)."""
+def gla_forward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h0, out_dtype, rare):
+    """(o = scale * S_t^T q_t, final states float32, boundary states h, the units' initial states (what the
+    backward needs to recompute h)). rare: a zeroed int32 counter for chunk_output."""
     unit_init = unit_initial_states(k, v, gc, h0, plan, gate_key, reverse=False, scale=1.0)
     h, final, _ = state_scan(k, v, gc, unit_init, plan, gate_key, reverse=False, scale=1.0)
-    o = chunk_output(q, k, v, gc, h, plan, gate_key, False, False, scale, scale, out_dtype)
-    return o, final, unit_init
+    o = chunk_output(q, k, v, gc, h, plan, gate_key, False, False, scale, scale, out_dtype, rare)
+    return o, final, h, unit_init
 
 
-def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, unit_init, do, dht, grad_dtypes):
+def gla_backward(q, k, v, gc, plan: Plan, gate_key: bool, scale: float, h, unit_init, do, dht, grad_dtypes, rare):
     """(dq, dk, dv, dh0, z): z [n_slots, H, D] is the chunk-end term of the gate gradient (see gate_grad).
-    unit_init: what gla_forward returned; the forward states are recomputed from it with one scan."""
-    h, _, _ = state_scan(k, v, gc, unit_init, plan, gate_key, reverse=False, scale=1.0)
+    h: the forward's boundary states, or None to recompute them with one scan from unit_init (gla_forward's).
+    rare: zeroed int32 counters, one per chunk_output call (3)."""
+    if h is None:
+        h, _, _ = state_scan(k, v, gc, unit_init, plan, gate_key, reverse=False, scale=1.0)
     unit_dht = unit_initial_states(q, do, gc, dht, plan, gate_key, reverse=True, scale=scale)
     dh, dh0, z = state_scan(q, do, gc, unit_dht, plan, gate_key, reverse=True, scale=scale, pair=h)
     dq_dtype, dk_dtype, dv_dtype = grad_dtypes
-    dq = chunk_output(do, v, k, gc, h, plan, not gate_key, False, True, scale, scale, dq_dtype)
-    dk = chunk_output(v, do, q, gc, dh, plan, not gate_key, True, True, 1.0, scale, dk_dtype)
-    dv = chunk_output(k, q, do, gc, dh, plan, gate_key, True, False, 1.0, scale, dv_dtype)
+    dq = chunk_output(do, v, k, gc, h, plan, not gate_key, False, True, scale, scale, dq_dtype, rare[0])
+    dk = chunk_output(v, do, q, gc, dh, plan, not gate_key, True, True, 1.0, scale, dk_dtype, rare[1])
+    dv = chunk_output(k, q, do, gc, dh, plan, gate_key, True, False, 1.0, scale, dv_dtype, rare[2])
     return dq, dk, dv, dh0, z
+
+
+def rare_counters(n: int, device: torch.device) -> torch.Tensor:
+    """n zeroed int32 counters of chunks for chunk_output's sub-block launches (one memset for all of them)."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -797,6 +866,18 @@ def float_state(state: torch.Tensor | None) -> torch.Tensor | None:
     return None if state is None else state.float().contiguous()
 
 
+def _kept(gc, h, g, unit_init) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the backward needs of one pass's states: (gc, h) with KEEP_FORWARD_STATES, else (g, unit_init)."""
+    return (gc, h) if KEEP_FORWARD_STATES else (g, unit_init)
+
+
+def _restore(kept, keep: bool, plan: Plan):
+    """(gc, h, unit_init) from _kept's pair: h None when the backward recomputes it from unit_init."""
+    if keep:
+        return kept[0], kept[1], None
+    return chunk_cumsum(kept[0], plan), None, kept[1]
+
+
 class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, scale, h0, cu_seqlens, gate_key):
@@ -804,33 +885,36 @@ class ChunkGLAFunction(torch.autograd.Function):
         V = v.shape[3]
         plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(K, 64) * triton.cdiv(V, 64))
         gc = chunk_cumsum(g, plan)
-        o, final, unit_init = gla_forward(q, k, v, gc, plan, gate_key, scale, h0, v.dtype)
-        ctx.save_for_backward(q, k, v, g, unit_init, None if gate_key else o)
+        o, final, h, unit_init = gla_forward(q, k, v, gc, plan, gate_key, scale, h0, v.dtype,
+                                             rare_counters(1, q.device)[0])
+        ctx.save_for_backward(q, k, v, *_kept(gc, h, g, unit_init), None if gate_key else o)
         ctx.plan, ctx.scale, ctx.gate_key, ctx.has_h0 = plan, scale, gate_key, h0 is not None
+        ctx.keep, ctx.g_dtype = KEEP_FORWARD_STATES, g.dtype
         ctx.set_materialize_grads(False)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, unit_init, o = ctx.saved_tensors
+        q, k, v, *kept, o = ctx.saved_tensors
         plan, gate_key = ctx.plan, ctx.gate_key
         do = torch.zeros_like(v) if do is None else do.contiguous()
-        gc = chunk_cumsum(g, plan)
+        gc, h, unit_init = _restore(kept, ctx.keep, plan)
         f32 = torch.float32
         grad_dtypes = (f32, f32, v.dtype) if gate_key else (q.dtype, k.dtype, f32)
-        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, unit_init, do,
-                                          float_state(dfinal), grad_dtypes)
+        dq, dk, dv, dh0, z = gla_backward(q, k, v, gc, plan, gate_key, ctx.scale, h, unit_init, do,
+                                          float_state(dfinal), grad_dtypes, rare_counters(3, q.device))
         # d/db of the chunk form: q*dq - k*dk with the gate on the keys, o*do - v*dv with it on the values
         x = q * dq - k * dk if gate_key else o.float() * do.float() - v.float() * dv
-        dg = gate_grad(x.contiguous(), z, plan, g.dtype)
+        dg = gate_grad(x.contiguous(), z, plan, ctx.g_dtype)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, None, dh0 if ctx.has_h0 else None, None, None)
 
 
 class ChunkGSAFunction(torch.autograd.Function):
     """GSA = key pass (value-gated GLA of q, k, s; output: scores) -> softmax -> value pass (key-gated GLA of p, s, v).
 
-    Saved for the backward: the inputs, the scores (T x M floats, small next to q) and the units' initial states
-    (a few per sequence); the boundary states are recomputed from those with one scan per pass.
+    Saved for the backward: the inputs, the scores (T x M floats, small next to q) and, with KEEP_FORWARD_STATES,
+    both passes' boundary states, gc and p (else the units' initial states, from which one scan per pass
+    recomputes the boundary states, and g).
     """
 
     @staticmethod
@@ -839,29 +923,36 @@ class ChunkGSAFunction(torch.autograd.Function):
         M, V = s.shape[3], v.shape[3]
         plan = make_plan(cu_seqlens, B, T, q.device, H * triton.cdiv(M, 64) * triton.cdiv(max(K, V), 64))
         gc = chunk_cumsum(g, plan)
-        scores, hk, unit_init_k = gla_forward(q, k, s, gc, plan, False, scale, hk0, torch.float32)
+        rare = rare_counters(2, q.device)
+        scores, hk, h_k, unit_init_k = gla_forward(q, k, s, gc, plan, False, scale, hk0, torch.float32, rare[0])
         p = slot_softmax(scores, q.dtype)
-        o, hv, unit_init_v = gla_forward(p, s, v, gc, plan, True, 1.0, hv0, v.dtype)
-        ctx.save_for_backward(q, k, v, s, g, scores, unit_init_k, unit_init_v)
+        o, hv, h_v, unit_init_v = gla_forward(p, s, v, gc, plan, True, 1.0, hv0, v.dtype, rare[1])
+        keep = KEEP_FORWARD_STATES
+        ctx.save_for_backward(q, k, v, s, scores, p if keep else None, *_kept(gc, h_k, g, unit_init_k),
+                              h_v if keep else unit_init_v)
         ctx.plan, ctx.scale, ctx.has_h0 = plan, scale, (hk0 is not None, hv0 is not None)
+        ctx.keep, ctx.g_dtype = keep, g.dtype
         ctx.set_materialize_grads(False)
         return o, hk, hv
 
     @staticmethod
     def backward(ctx, do, dhk, dhv):
-        q, k, v, s, g, scores, unit_init_k, unit_init_v = ctx.saved_tensors
+        q, k, v, s, scores, p_in, *kept_k, kept_v = ctx.saved_tensors
         plan, scale = ctx.plan, ctx.scale
         f32 = torch.float32
         do = torch.zeros_like(v) if do is None else do.contiguous()
-        gc = chunk_cumsum(g, plan)
-        p_in = slot_softmax(scores, q.dtype)  # the value pass's queries, as the forward fed them
-        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, unit_init_v, do, float_state(dhv),
-                                               (f32, f32, v.dtype))
+        gc, h_k, unit_init_k = _restore(kept_k, ctx.keep, plan)
+        h_v, unit_init_v = (kept_v, None) if ctx.keep else (None, kept_v)
+        if p_in is None:
+            p_in = slot_softmax(scores, q.dtype)  # the value pass's queries, as the forward fed them
+        rare = rare_counters(6, q.device)
+        dp, ds_v, dv, dhv0, z_v = gla_backward(p_in, s, v, gc, plan, True, 1.0, h_v, unit_init_v, do,
+                                               float_state(dhv), (f32, f32, v.dtype), rare[:3])
         dscores = slot_softmax_grad(scores, dp, q.dtype)
-        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, unit_init_k, dscores,
-                                               float_state(dhk), (q.dtype, k.dtype, f32))
+        dq, dk, ds_k, dhk0, z_k = gla_backward(q, k, s, gc, plan, False, scale, h_k, unit_init_k, dscores,
+                                               float_state(dhk), (q.dtype, k.dtype, f32), rare[3:])
         ds, x = gate_terms(scores, p_in, dp, dscores, ds_v, ds_k, s)
-        dg = gate_grad(x, z_v + z_k, plan, g.dtype)
+        dg = gate_grad(x, z_v + z_k, plan, ctx.g_dtype)
         return (dq, dk, dv, ds, dg, None, dhk0 if ctx.has_h0[0] else None, dhv0 if ctx.has_h0[1] else None, None)
 
 

@@ -66,7 +66,8 @@ def recurrent_gla(q, k, v, g, scale, h0, bounds, gate_key: bool, out_dtype):
 
 
 class FusedRecurrentGSAFunction(ChunkGSAFunction):
-    """Forward token by token; backward inherited from the chunkwise function (it needs the same saved tensors)."""
+    """Forward token by token; backward inherited from the chunkwise function (it needs the same saved tensors, here
+    those that recompute the boundary states: ChunkGSAFunction without KEEP_FORWARD_STATES)."""
 
     @staticmethod
     def forward(ctx, q, k, v, s, g, scale, hk0, hv0, cu_seqlens):
@@ -86,8 +87,9 @@ class FusedRecurrentGSAFunction(ChunkGSAFunction):
             gc = chunk_cumsum(g, ctx.plan)
             unit_init_k = unit_initial_states(k, s, gc, hk0, ctx.plan, False, reverse=False, scale=1.0)
             unit_init_v = unit_initial_states(s, v, gc, hv0, ctx.plan, True, reverse=False, scale=1.0)
-        ctx.save_for_backward(q, k, v, s, g, scores, unit_init_k, unit_init_v)
+        ctx.save_for_backward(q, k, v, s, scores, None, g, unit_init_k, unit_init_v)
         ctx.scale, ctx.has_h0 = scale, (hk0 is not None, hv0 is not None)
+        ctx.keep, ctx.g_dtype = False, g.dtype
         ctx.set_materialize_grads(False)
         return o, hk, hv
 
