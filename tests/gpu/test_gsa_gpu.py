@@ -58,6 +58,21 @@ def test_gsa_strong_gates():
                                  grad_floors={"g": x["g"].numel() ** 0.5}))
 
 
+def test_gsa_deferred_chunks():
+    """Strong gates in 3 of every 4 chunks (their gate drops exceed GAP_LIMIT: the common launch defers them to the
+    device list) and damped ones in the rest: 384 deferred (chunk, head) items per output call, more than the
+    sub-block launch's programs (2 per SM), so each program walks several; dg floored as in test_gsa_strong_gates."""
+    T = 16384
+
+    def gate(r):
+        strong = (torch.arange(T, device=r.device) // 64) % 4 != 0
+        return torch.where(strong[None, :, None, None], F.logsigmoid(30 * r - 10), F.logsigmoid(r) / 8)
+
+    x = gsa_inputs(1, T, seed=4, gate=gate)
+    print(compare_with_reference(gsa_op(chunk_gsa), gsa_op(recurrent_gsa), x, TOL,
+                                 grad_floors={"g": x["g"].numel() ** 0.5}))
+
+
 def test_fused_recurrent_gsa():
     print(compare_with_reference(gsa_op(fused_recurrent_gsa), gsa_op(recurrent_gsa), gsa_inputs(2, 300, 3), TOL))
 
