@@ -49,9 +49,11 @@ Boundary states are kept in the inputs' dtype (the products' operand type), the 
 returned as a state in float32. With KEEP_FORWARD_STATES (the default) the forward's boundary states and gc (and
 GSA's softmax p) are kept for the backward: per GSA layer (T/64 + 1) * H * (K*M + M*V) states in the inputs' dtype
 (bf16 at T = 65536, H = 4, K = V = 512, M = 64: 2 x 268 MB; with gc (float32) 67 MB and p 34 MB, ~0.64 GB) until its
-backward; under activation checkpointing only the recompute holds them. Off, the backward recomputes them with one
-scan per pass from the units' initial states (0.83 ms per GSA fwd+bwd at that size on an H100). Both give the same
-states bit for bit (same kernel, same inputs), hence the same gradients and error bounds.
+backward; under activation checkpointing only the recompute holds them. chunk_gated_linear_attention keeps
+(T/64 + 1) * H * K * V states (Mamba2 at hidden 2048, expand 2, 64 heads of 64, state 64: 537 MB per layer at 65k,
+as much as its x) and gc in place of g (the same size with float32 gates). Off, the backward recomputes them with
+one scan per pass from the units' initial states (0.83 ms per GSA fwd+bwd at that size on an H100). Both give the
+same states bit for bit (same kernel, same inputs), hence the same gradients and error bounds.
 
 Note: no kernel transposes the result of a tl.dot (Triton 3.4-3.7.0 miscompiles that on Hopper; see fla issue #640).
 """
@@ -78,9 +80,10 @@ GAP_LIMIT = 60.0
 KEEP_FORWARD_STATES = True
 # Chunks per sequential unit; None: chosen from the GPU's size (one unit per sequence on CPU).
 UNIT_CHUNKS: int | None = None
-# Warps per program, from sm_90 compile reports (Triton 3.9; common case): the scores kernel 124-128 registers at 8
+# Warps per program, from sm_90 compile reports (Triton 3.9; common case): the scores kernel 104-128 registers at 8
 # warps, the key-gate output kernel 128-168 at 4, the value-gate output kernel 255 at 8 (at 4 it spills ~0.6 KB per
-# thread); the scan 242-255 at 4.
+# thread); the scan 242-255 at 4. The sub-block launches, rare: scores 228-232 registers, value gate 255 with
+# ~170 B of spills per thread (the loop over the deferred list keeps more alive than v3's one chunk per program).
 SCORES_WARPS = 8
 STREAM_WARPS = 4
 VALUE_GATE_WARPS = 8
@@ -758,7 +761,8 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
 
 
 def chunk_output(x, y, z, gc, w, plan: Plan, gate_key: bool, reverse: bool, w_transposed: bool,
-                 scale_inter: float, scale_intra: float, out_dtype: torch.dtype, rare_count: torch.Tensor) -> torch.Tensor:
+                 scale_inter: float, scale_intra: float, out_dtype: torch.dtype,
+                 rare_count: torch.Tensor) -> torch.Tensor:
     """out = scale_inter * inter + scale_intra * intra (see the output kernels), gate on x's dim (gate_key) or z's.
     rare_count: a zeroed int32 counter (one element, see rare_counters) for the list of sub-block chunks."""
     B, T, H, KX = x.shape
