@@ -98,15 +98,13 @@ SPEC = OpSpec(
 
 
 VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segment): runtime knobs of chunk.py
-    ("combine 32 cols, 4 warps", {"combine": (32, 4, 1)}, True, None),
-    ("output 128 cols, 8 warps", {"output": (128, 8, 1)}, True, None),
-    ("local dvn 128 cols, 8 warps", {"local_dvn": (128, 8, 1)}, True, None),
+    ("segments of 32 chunks", {}, True, 32),
+    ("segments of 128 chunks", {}, True, 128),
+    ("folds 64 cols, 8 warps (v5)", {"combine": (64, 8, 1)}, True, None),
+    ("local dvn 64 cols, 4 warps (v5)", {"local_dvn": (64, 4, 1)}, True, None),
+    ("forward scans 2 stages (v5)", {"summary": (32, 4, 2), "states": (32, 4, 2)}, True, None),
     ("gradient scans 64 cols, 8 warps", {"grad_summary": (64, 8, 2), "grad_scan": (64, 8, 2)}, True, None),
-    ("forward scans 64 cols, 8 warps", {"summary": (64, 8, 2), "states": (64, 8, 2)}, True, None),
-    ("segments of 16 chunks", {}, True, 16),
-    ("segments of 64 chunks", {}, True, 64),
-    ("gradient scans 3 stages", {"grad_summary": (32, 4, 3), "grad_scan": (32, 4, 3)}, True, None),
-    ("forward scans 3 stages", {"summary": (32, 4, 3), "states": (32, 4, 3)}, True, None),
+    ("recompute forward states", {}, False, None),
 ]
 
 
