@@ -232,6 +232,18 @@ def _gate_grad_kernel(x, z, dg, chunks, H: tl.constexpr, D: tl.constexpr, BT: tl
 
 
 @triton.jit
+def _diagonal_partner(rows, j, n, H: tl.constexpr, REVERSE: tl.constexpr):
+    """Column j of each row's diagonal sub-block: (j, whether it is causal and inside the sequence, its token's row
+    offset in [T, H, .] tensors; the sequence runs backwards under REVERSE)."""
+    j_ok = (j <= rows) & (j < n)
+    if REVERSE:
+        tok_j = tl.where(j_ok, n - 1 - j, 0) * H
+    else:
+        tok_j = tl.where(j_ok, j, 0) * H
+    return j, j_ok, tok_j
+
+
+@triton.jit
 def _load_rows(ptr, rel, cols, row_ok, D: tl.constexpr):
     """[rows, cols] tile of a [*, H, D] tensor: ptr points at one (token, head) row, rel are int32 row offsets from it
     in (token, head) rows (keeping the per-element address arithmetic 32-bit); zero where masked."""
@@ -503,12 +515,7 @@ def _key_gate_subblocks(A, x, y, gc, X, Y, G, tok, rk, n, last_tok, H: tl.conste
         part = tl.dot(xe.to(DT), tl.trans(ye.to(DT)), input_precision=PREC)
         A += tl.where(in_I[:, None] & (cols < I * BC)[None, :], part, 0.0)
     for jj in range(BC):
-        j = block_start + jj
-        j_ok = (j <= rows) & (j < n)
-        if REVERSE:
-            tok_j = tl.where(j_ok, n - 1 - j, 0) * H
-        else:
-            tok_j = tl.where(j_ok, j, 0) * H
+        j, j_ok, tok_j = _diagonal_partner(rows, block_start + jj, n, H, REVERSE)
         Yj = _load_rows(y, tok_j, rk, j_ok, KX).to(tl.float32)
         Gj = _load_gates(gc, tok_j, rk, j_ok, last_tok, KX, REVERSE)
         a = tl.sum(X * Yj * tl.exp(tl.minimum(G - Gj, 0.0)), axis=1)
@@ -634,12 +641,7 @@ def _value_gate_subblocks(A0, z, gc, Z, G, tok, rv, n, last_tok, H: tl.constexpr
         part = tl.dot(tl.where(in_I & (cols < I * BC)[None, :], A0, 0.0).to(DT), ze.to(DT), input_precision=PREC)
         intra += tl.where(in_I, part * tl.exp(tl.minimum(G - r[None, :], 0.0)), 0.0)
     for jj in range(BC):
-        j = block_start + jj
-        j_ok = (j <= rows) & (j < n)
-        if REVERSE:
-            tok_j = tl.where(j_ok, n - 1 - j, 0) * H
-        else:
-            tok_j = tl.where(j_ok, j, 0) * H
+        j, j_ok, tok_j = _diagonal_partner(rows, block_start + jj, n, H, REVERSE)
         Zj = _load_rows(z, tok_j, rv, j_ok, VZ).to(tl.float32)
         Gj = _load_gates(gc, tok_j, rv, j_ok, last_tok, VZ, REVERSE)
         a = tl.sum(tl.where(cols[None, :] == j[:, None], A0, 0.0), axis=1)
