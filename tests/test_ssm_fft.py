@@ -65,6 +65,18 @@ def test_causal_fft_conv_one_gradient(keep):
         compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_causal_fft_conv_joined_stores(keep):
+    """FFTPlan.joined_stores (each complex tile stored as one [R2, R3, 2] pair): odd T, batch 2 (dk summed over the
+    batch), from recomputed rows and from the forward's kept spectra (whose stores are joined too)."""
+    plan = fftconv.fft_plan(33, keep_rows=keep, keep_spectra=keep, joined_stores=True)
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=5), TOL)
+
+
 def test_default_plan_keeps_spectra_only_for_a_backward():
     u, k = torch.randn(1, 40, 2), torch.randn(2, 40)
     assert not fftconv.default_plan(u, k).keep_rows  # nothing requires grad

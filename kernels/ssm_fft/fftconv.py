@@ -65,7 +65,10 @@ class FFTPlan:
     this many consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg: a
     register cap per thread for the rows kernels (None: the compiler's choice); 128 makes sure two programs of 8
     warps fit an SM (triton 3.9 compiles them to 140-178 registers, one program; no spills at 128). (Caps of 168
-    and 128 on the spectral kernels, 3 and 4 programs per SM, measured 0-3% slower on an H100.)"""
+    and 128 on the spectral kernels, 3 and 4 programs per SM, measured 0-3% slower on an H100.) joined_stores: the
+    spectral kernels store each complex output tile (re and im planes) with one store of the joined pair, so its
+    conversion from the accumulator layout goes through shared memory once, not twice (sm_90 SASS: 2 barriers
+    fewer per product item, 4 per grad item; see _store_complex)."""
 
     n: int
     r1: int
@@ -75,6 +78,7 @@ class FFTPlan:
     keep_spectra: bool = False
     rows_group: int = 16
     rows_maxnreg: int | None = 128
+    joined_stores: bool = False
 
     @property
     def m(self) -> int:
@@ -92,7 +96,8 @@ class FFTPlan:
 
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
-             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128) -> FFTPlan:
+             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
+             joined_stores: bool = False) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
@@ -111,7 +116,7 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
     return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
-                   rows_group=rows_group, rows_maxnreg=rows_maxnreg)
+                   rows_group=rows_group, rows_maxnreg=rows_maxnreg, joined_stores=joined_stores)
 
 
 @functools.lru_cache(maxsize=None)
@@ -323,6 +328,20 @@ def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
     return xr * twr + xi * twi, xi * twr - xr * twi
 
 
+@triton.jit
+def _store_complex(ptr, tile, re, im, M: tl.constexpr, JOINED: tl.constexpr):
+    """ptr[tile] <- re, ptr[M + tile] <- im (the row buffer's two planes).
+
+    A store from the accumulator (wgmma) layout is converted to the coalesced layout of its pointers through shared
+    memory: a barrier before the scratch is written and one after. JOINED stores the [R2, R3, 2] pair with one
+    conversion (8 KB of scratch, 2 barriers) instead of two (FFTPlan.joined_stores)."""
+    if JOINED:
+        tl.store(ptr + tile[:, :, None] + (tl.arange(0, 2) * M)[None, None, :], tl.join(re, im))
+    else:
+        tl.store(ptr + tile, re)
+        tl.store(ptr + M + tile, im)
+
+
 # The spectral kernels walk one flat loop over their (channel, batch) items, b fastest. K's spectrum is recomputed
 # for every item: free at B = 1, the usual case. (Software-pipelining this loop, stages = 2, measured 6% slower on an
 # H100. Fewer, wider products -- each complex product on the interleaved real form [x] = [R2, 2 R3], x F_R3 as one
@@ -333,7 +352,8 @@ def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
 
 @triton.jit
 def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items_per_program,
-                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr):
+                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr,
+                             JOINED: tl.constexpr):
     """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows unless
     KEEP_SPECTRA). KEEP_SPECTRA: the spectra DFT2(u_rows), DFT2(k_rows) are written over their rows, for the
     backward (K's at the channel's last batch row: the earlier ones still read k_rows)."""
@@ -352,20 +372,17 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
         kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
         ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors)
         yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
-        tl.store(y_rows + offset + tile, yr)
-        tl.store(y_rows + offset + M + tile, yi)
+        _store_complex(y_rows + offset, tile, yr, yi, M, JOINED)
         if KEEP_SPECTRA:
-            tl.store(u_rows + offset + tile, ur)
-            tl.store(u_rows + offset + M + tile, ui)
+            _store_complex(u_rows + offset, tile, ur, ui, M, JOINED)
             if item % batch == batch - 1:
-                tl.store(k_row + tile, kr)
-                tl.store(k_row + M + tile, ki)
+                _store_complex(k_row, tile, kr, ki, M, JOINED)
 
 
 @triton.jit
 def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, batch, channels,
                           items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
-                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr):
+                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr, JOINED: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
     may be k_rows). SPECTRA: u_rows and k_rows hold the spectra U, K (the forward's KEEP_SPECTRA), not rows.
 
@@ -391,8 +408,7 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
             if not SPECTRA:
                 kr, ki = _row_spectrum(kr, ki, *factors)
             dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors)
-            tl.store(dy_row + tile, dur)
-            tl.store(dy_row + M + tile, dui)
+            _store_complex(dy_row, tile, dur, dui, M, JOINED)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
             ur, ui = tl.load(u_row + tile), tl.load(u_row + M + tile)
@@ -402,8 +418,7 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
             dki += gi * ur - gr * ui
             if b == batch - 1:
                 outr, outi = _row_inverse(dkr, dki, *factors)
-                tl.store(dk_row + tile, outr)
-                tl.store(dk_row + M + tile, outi)
+                _store_complex(dk_row, tile, outr, outi, M, JOINED)
                 dkr = tl.zeros([R2, R3], dtype=tl.float32)
                 dki = tl.zeros([R2, R3], dtype=tl.float32)
 
@@ -490,7 +505,7 @@ def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.devic
 
 
 def _spectral_options(plan: FFTPlan) -> dict:
-    return dict(R2=plan.r2, R3=plan.r3, num_warps=plan.spectral_warps, num_stages=1)
+    return dict(R2=plan.r2, R3=plan.r3, JOINED=plan.joined_stores, num_warps=plan.spectral_warps, num_stages=1)
 
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
