@@ -89,6 +89,26 @@ def test_chunk_widest_heads(K, V):
     check(public(chunk_gated_delta_rule), make_inputs(1, 70, 1, 1, K, V, seed=K + V))
 
 
+def test_chunk_fused_gradient_kernel(monkeypatch):
+    """chunk.FUSED_GRADS: both halves of the input gradients in one program per (chunk, value head)
+    (_grads_kernel) instead of _grads_qk_kernel then _grads_wy_kernel; every gradient, the states' included, against
+    the reference. Packed documents of 1, 5, 64, 0 and 71 tokens (odd T) over segments of one chunk, grouped heads,
+    K != V."""
+    monkeypatch.setattr(chunk_module, "FUSED_GRADS", True)
+    launched = []
+    launch = chunk_module._launch
+
+    def record(kernel, *args, **kwargs):
+        launched.append(kernel)
+        launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(chunk_module, "_launch", record)
+    cu = torch.tensor([0, 1, 6, 70, 70, 141], dtype=torch.int64)
+    check(triton_segmented(1), make_inputs(1, 141, 1, 2, 16, 32, N=5, seed=13), cu_seqlens=cu)
+    assert chunk_module._grads_kernel in launched
+    assert chunk_module._grads_qk_kernel not in launched and chunk_module._grads_wy_kernel not in launched
+
+
 def test_chunk_without_states():
     check(public(chunk_gated_delta_rule), make_inputs(1, 130, 2, 2, 16, 16, initial_state=False),
           output_final_state=False, scale=0.3)

@@ -97,22 +97,29 @@ SPEC = OpSpec(
 )
 
 
-VARIANTS = [  # (label, TUNING overrides, KEEP_FORWARD_STATES, chunks per segment): runtime knobs of chunk.py
-    ("segments of 32 chunks", {}, True, 32),
-    ("segments of 128 chunks", {}, True, 128),
-    ("folds 64 cols, 8 warps (v5)", {"combine": (64, 8, 1)}, True, None),
-    ("local dvn 64 cols, 4 warps (v5)", {"local_dvn": (64, 4, 1)}, True, None),
-    ("forward scans 2 stages (v5)", {"summary": (32, 4, 2), "states": (32, 4, 2)}, True, None),
-    ("gradient scans 64 cols, 8 warps", {"grad_summary": (64, 8, 2), "grad_scan": (64, 8, 2)}, True, None),
-    ("recompute forward states", {}, False, None),
+VARIANTS = [  # (label, TUNING overrides, module switches, chunks per segment): runtime knobs of chunk.py
+    ("segments of 32 chunks", {}, {}, 32),
+    ("segments of 128 chunks", {}, {}, 128),
+    ("folds 64 cols, 8 warps (v5)", {"combine": (64, 8, 1)}, {}, None),
+    ("local dvn 64 cols, 4 warps (v5)", {"local_dvn": (64, 4, 1)}, {}, None),
+    ("forward scans 2 stages (v5)", {"summary": (32, 4, 2), "states": (32, 4, 2)}, {}, None),
+    ("gradient scans 64 cols, 8 warps", {"grad_summary": (64, 8, 2), "grad_scan": (64, 8, 2)}, {}, None),
+    ("recompute forward states", {}, {"KEEP_FORWARD_STATES": False}, None),
+    # v7 candidate: _grads_qk and _grads_wy as one launch (sm_90 compile: 235 registers, no spills, 72 KB shared
+    # at 64 columns / 8 warps / 2 stages; 228 registers at 1 stage; NOTES.md)
+    ("fused gradient kernel (v7)", {}, {"FUSED_GRADS": True}, None),
+    ("fused gradient kernel, 1 stage", {"grads_fused": (64, 8, 1)}, {"FUSED_GRADS": True}, None),
 ]
 
 
-def profile(lengths=LENGTHS, sweep_T: int = 65536, fla_T: int = 65536) -> None:
+def profile(lengths=LENGTHS, sweep_T: int = 65536, fla_T: int = 65536, with_fla: bool = True,
+            variant_filter: str = "") -> None:
     """For a GPU session: lctrain's fwd and fwd+bwd at each length; at sweep_T a per-kernel CUDA time table;
     lctrain against fla at T = 8192 (relative difference of values and gradients) and fla's times at fla_T; then
-    the VARIANTS at sweep_T (each compiles its kernels once). Each line is printed as soon as it is measured.
-    Run from benchmarks/:  python -m kernel_ops.gdn [lengths...]"""
+    the VARIANTS whose label contains variant_filter at sweep_T, each with its own per-kernel table (each compiles
+    its kernels once). Each line is printed as soon as it is measured.
+    Run from benchmarks/:  python -m kernel_ops.gdn [lengths...]   or, the defaults against chosen variants only
+    (no lengths, no fla):  python -m kernel_ops.gdn --variants fused"""
     import os
 
     from harness import step_functions, time_ms
@@ -128,23 +135,30 @@ def profile(lengths=LENGTHS, sweep_T: int = 65536, fla_T: int = 65536) -> None:
         fwd, fwd_bwd = step_functions(impl.forward, [make_inputs(T, seed, device, dtype) for seed in range(3)])
         return time_ms(fwd, rotate=3), time_ms(fwd_bwd, rotate=3), fwd_bwd
 
+    def kernel_table(label, fwd_bwd):
+        fwd_bwd(0)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fwd_bwd(0)
+            torch.cuda.synchronize()
+        events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        for event in events[:16]:
+            print(f"  [{label}] kernel {event.key[:40]:40s} calls {event.count:3d} total "
+                  f"{event.device_time_total / 1e3:8.3f} ms", flush=True)
+        grads = sum(e.device_time_total for e in events if e.key.startswith("_grads")) / 1e3
+        print(f"  [{label}] gradient kernels (_grads*) {grads:.3f} ms", flush=True)
+
     lct = _lctrain()
     for T in lengths:
         f, fb, _ = timings(lct, T)
         print(f"  lctrain T={T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
-    _, _, fwd_bwd = timings(lct, sweep_T)
-    fwd_bwd(0)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fwd_bwd(0)
-        torch.cuda.synchronize()
-    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:16]:
-        print(f"  kernel {event.key[:40]:40s} calls {event.count:3d} total {event.device_time_total / 1e3:8.3f} ms",
-              flush=True)
-    fla = _fla()
-    if fla.unavailable is not None:
+    f, fb, fwd_bwd = timings(lct, sweep_T)
+    print(f"  defaults T={sweep_T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+    kernel_table("defaults", fwd_bwd)
+    fla = _fla() if with_fla else None
+    if fla is not None and fla.unavailable is not None:
         print("  fla:", fla.unavailable, flush=True)
-    else:
+    elif fla is not None:
         x = make_inputs(8192, 7, device, dtype)
         cot = torch.randn_like(x["v"])
         results = []
@@ -158,19 +172,28 @@ def profile(lengths=LENGTHS, sweep_T: int = 65536, fla_T: int = 65536) -> None:
         f, fb, _ = timings(fla, fla_T)
         print(f"  fla T={fla_T}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
     defaults = dict(chunk.TUNING)
-    for label, overrides, keep, segment in VARIANTS:
+    for label, overrides, switches, segment in VARIANTS:
+        if variant_filter not in label:
+            continue
+        saved = {name: getattr(chunk, name) for name in switches}
         chunk.TUNING.update(overrides)
-        chunk.KEEP_FORWARD_STATES = keep
+        for name, value in switches.items():
+            setattr(chunk, name, value)
         if segment:
             os.environ["LCTRAIN_GDN_SEGMENT_CHUNKS"] = str(segment)
-        f, fb, _ = timings(lct, sweep_T)
+        f, fb, fwd_bwd = timings(lct, sweep_T)
         print(f"  variant T={sweep_T} {label}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms", flush=True)
+        kernel_table(label, fwd_bwd)
         chunk.TUNING.update(defaults)
-        chunk.KEEP_FORWARD_STATES = True
+        for name, value in saved.items():
+            setattr(chunk, name, value)
         os.environ.pop("LCTRAIN_GDN_SEGMENT_CHUNKS", None)
 
 
 if __name__ == "__main__":
     import sys
 
-    profile(*([int(a) for a in sys.argv[1:]],) if len(sys.argv) > 1 else ())
+    if sys.argv[1:2] == ["--variants"]:
+        profile(lengths=(), with_fla=False, variant_filter=sys.argv[2] if len(sys.argv) > 2 else "")
+    else:
+        profile(*([int(a) for a in sys.argv[1:]],) if len(sys.argv) > 1 else ())

@@ -26,8 +26,9 @@ Backward. With D the gradient of the loss with respect to the state entering a c
 summary, G from a summary of the gradients); scale P^T do, which does not depend on the state, comes from a
 parallel kernel first, and the last scan stores each chunk's dh and dvn. Then two launches of one program per
 chunk form the input gradients (_grads_qk_kernel, _grads_wy_kernel: split in two so that each fits the
-registers). Kept from forward to backward: the inputs, each segment's entering state and M, and (while
-KEEP_FORWARD_STATES) gc, T, w and every chunk's h and vn, else recomputed.
+registers), or with FUSED_GRADS one launch that runs both halves in turn in each program (_grads_kernel). Kept
+from forward to backward: the inputs, each segment's entering state and M, and (while KEEP_FORWARD_STATES) gc, T,
+w and every chunk's h and vn, else recomputed.
 
 Implementation notes. Never transpose a tl.dot result (tl.trans of an MMA-layout tensor feeding another dot is
 miscompiled on Hopper by Triton 3.2-3.6; flash-linear-attention issue #640, triton issue #6124): transposed
@@ -392,11 +393,12 @@ def _bwd_scan_kernel(q, k, w, gc, do, dvl, dh, dvn, seg_dinit, gsum, dh0, segs, 
             tl.store(dh0 + ((seq * HV + i_hv) * K + rk[:, None]) * V + cv[None, :], D, mask=smask)
 
 
-@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
-def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale,
-                     H, HV, K: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
-    """Backward, first half, per (chunk, value head): the gradients through the outputs and the leaving state.
+@triton.jit
+def _grads_qk_chunk(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale, i_c, i_hv,
+                    H, HV, K: tl.constexpr, V: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """Backward, first half, for chunk i_c and value head i_hv: the gradients through the outputs and the leaving
+    state.
 
     With dX the gradient of the loss with respect to X (module docstring for the forward), dS = do vn^T and
     dQK = scale dS * exp(gc_i - gc_j) [i >= j]:
@@ -406,7 +408,6 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scal
     gc_i up by its row sums and gc_j down by its column sums; (q * e) h, and exp(gl) h + (k * exp(gl - gc))^T vn.
     dS and dS^T are both formed as products of loaded operands (a 64 x 64 x V product more, no scratch round trip).
     """
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
     tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
@@ -458,19 +459,18 @@ def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scal
     tl.store(dgc + tok * HV + i_hv, b_dgc, mask=valid)
 
 
-@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
-def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
-                     H, HV, K: tl.constexpr, V: tl.constexpr,
-                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
-    """Backward, second half, per (chunk, value head): through vn = u - w h and the UT transform.
+@triton.jit
+def _grads_wy_chunk(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end, i_c, i_hv,
+                    H, HV, K: tl.constexpr, V: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """Backward, second half, for chunk i_c and value head i_hv: through vn = u - w h and the UT transform.
 
     du = dvn, dw = -dvn h^T. With u = T diag(beta) v and w = T diag(beta) (k * e):
         dv = beta * (T^T du),   dX_w = T^T dw,   dT = du (beta v)^T + dw (beta e k)^T,   dA = -T^T dT T^T (i > j);
     A_ij = beta_i (k_i . k_j) exp(gc_i - gc_j): with E = dA * beta_i exp(gc_i - gc_j), dk += (E + E^T) k and
-    dbeta_i += sum_j dA_ij (k_i . k_j) exp(gc_i - gc_j). Adds to the dk and dgc of _grads_qk_kernel; dg is the
+    dbeta_i += sum_j dA_ij (k_i . k_j) exp(gc_i - gc_j). Adds to the dk and dgc of _grads_qk_chunk; dg is the
     completed dgc summed from each position to the chunk's end.
     """
-    i_c, i_hv = tl.program_id(0), tl.program_id(1)
     i_h = i_hv // (HV // H)
     DT = k.dtype.element_ty
     tok, valid, t0, eos = _chunk_tokens(chunks, seq_end, i_c)
@@ -525,6 +525,45 @@ def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scra
     # g_t enters every gc_i with i >= t
     tl.store(dg + tok * HV + i_hv, tl.sum(b_dgc, axis=0) - tl.cumsum(b_dgc, axis=0) + b_dgc, mask=valid)
     tl.store(dbeta + tok * HV + i_hv, b_dbeta, mask=valid)
+
+
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
+def _grads_qk_kernel(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """_grads_qk_chunk, one program per (chunk, value head)."""
+    _grads_qk_chunk(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale, tl.program_id(0), tl.program_id(1),
+                    H, HV, K, V, BK, BV, NV)
+
+
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
+def _grads_wy_kernel(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
+                     H, HV, K: tl.constexpr, V: tl.constexpr,
+                     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """_grads_wy_chunk, one program per (chunk, value head), after _grads_qk_kernel."""
+    _grads_wy_chunk(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
+                    tl.program_id(0), tl.program_id(1), H, HV, K, V, BK, BV, NV)
+
+
+# The fused kernel calls the two halves as functions (noinline): inlined into one body, the compiler kept the first
+# half's shared-memory descriptors live across the second half's V loop (255 registers and 96 B of spills in an
+# sm_90 compile at K = V = 128, 64 columns, 8 warps); called, each half allocates its own (235 registers, none).
+_grads_qk_call = triton.jit(noinline=True)(_grads_qk_chunk.fn)
+_grads_wy_call = triton.jit(noinline=True)(_grads_wy_chunk.fn)
+
+
+@triton.jit(do_not_specialize=["H", "HV"])  # one compile for every head count
+def _grads_kernel(q, k, v, gc, beta, A_inv, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end,
+                  scale, H, HV, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """Both halves in one program per (chunk, value head) (FUSED_GRADS): the second half re-reads h, k and the
+    partial dk and dgc that the first half wrote a few microseconds earlier, from L2, where the split kernels read
+    them from HBM (about 1.1-1.3 GB at 65k tokens and 16 heads of 128)."""
+    i_c, i_hv = tl.program_id(0), tl.program_id(1)
+    _grads_qk_call(q, k, gc, h, dh, vn, do, dq, dk, dgc, chunks, seq_end, scale, i_c, i_hv, H, HV, K, V, BK, BV, NV)
+    tl.debug_barrier()  # the partial dk and dgc were stored by other threads of this program
+    _grads_wy_call(k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, chunks, seq_end, i_c, i_hv,
+                    H, HV, K, V, BK, BV, NV)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -636,7 +675,12 @@ TUNING = {
     "grad_summary": (32, 4, 2),  # _bwd_scan_kernel, SUMMARY
     "grad_scan": (32, 4, 2),  # _bwd_scan_kernel, writing dh and dvn
     "grads": (64, 8, 2),  # _grads_qk_kernel and _grads_wy_kernel (V loop step)
+    "grads_fused": (64, 8, 2),  # _grads_kernel (V loop step), when FUSED_GRADS
 }
+# One launch for the input gradients (_grads_kernel: both halves per program, the second re-reading h, k and the
+# partial dk from L2) instead of _grads_qk_kernel then _grads_wy_kernel. Off until measured on a GPU
+# (benchmarks/NOTES.md, v7 candidate).
+FUSED_GRADS = False
 # Keep the forward's w, T, vn, gc (K + 64 + V + 1 values per token and value head) and h (K x V per chunk) for the
 # backward: ~1.2 GB per layer at 65k tokens and 16 heads of 128, in bf16. Recomputing them instead (False) costs a
 # UT transform and a state scan in the backward (~0.8 + ~0.9 ms at that size on an H100, benchmarks/NOTES.md).
@@ -831,13 +875,18 @@ def chunk_backward(q, k, v, g, beta, scale, kept, seg_init, summary, do, dht, la
     dg = new_output((B, T, HV), torch.float32, q.device)
     dgc = new_output((B, T, HV), torch.float32, q.device)
     scratch = torch.empty(layout.num_chunks * HV * CHUNK * CHUNK, dtype=torch.float32, device=q.device)
-    BV, warps, stages = _tuned("grads", K, V)
+    BV, warps, stages = _tuned("grads_fused" if FUSED_GRADS else "grads", K, V)
     sizes = dict(K=K, V=V, BK=_pow2(K), BV=BV, NV=triton.cdiv(V, BV))
-    _launch(_grads_qk_kernel, (layout.num_chunks, HV), _configs(warps, stages),
-            q, k, gc, h, dh, vn, do, dq, dk, dgc, layout.chunks, layout.seq_end, scale, H, HV, **sizes)
-    _launch(_grads_wy_kernel, (layout.num_chunks, HV), _configs(warps, stages),
-            k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, H, HV,
-            **sizes)
+    if FUSED_GRADS:
+        _launch(_grads_kernel, (layout.num_chunks, HV), _configs(warps, stages),
+                q, k, v, gc, beta, A_inv, h, dh, vn, dvn, do, dq, dk, dv, dbeta, dgc, dg, scratch, layout.chunks,
+                layout.seq_end, scale, H, HV, **sizes)
+    else:
+        _launch(_grads_qk_kernel, (layout.num_chunks, HV), _configs(warps, stages),
+                q, k, gc, h, dh, vn, do, dq, dk, dgc, layout.chunks, layout.seq_end, scale, H, HV, **sizes)
+        _launch(_grads_wy_kernel, (layout.num_chunks, HV), _configs(warps, stages),
+                k, v, gc, beta, A_inv, h, dvn, dk, dv, dbeta, dgc, dg, scratch, layout.chunks, layout.seq_end, H, HV,
+                **sizes)
     if grouped:
         dq = dq.view(B, T, H, HV // H, K).sum(3).to(q.dtype)
         dk = dk.view(B, T, H, HV // H, K).sum(3).to(k.dtype)
