@@ -65,16 +65,33 @@ def test_causal_fft_conv_one_gradient(keep):
         compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
 
 
-@pytest.mark.parametrize("keep", [False, True])
-def test_causal_fft_conv_joined_stores(keep):
-    """FFTPlan.joined_stores (each complex tile stored as one [R2, R3, 2] pair): odd T, batch 2 (dk summed over the
-    batch), from recomputed rows and from the forward's kept spectra (whose stores are joined too)."""
-    plan = fftconv.fft_plan(33, keep_rows=keep, keep_spectra=keep, joined_stores=True)
+@pytest.mark.parametrize("options", [dict(joined_stores=True),
+                                     dict(joined_stores=True, keep_rows=True, keep_spectra=True),
+                                     dict(folded_twiddles=True),
+                                     dict(folded_twiddles=True, joined_stores=True, keep_rows=True, keep_spectra=True,
+                                          fft_size=16384, tile=512)])
+def test_causal_fft_conv_spectral_staging_options(options):
+    """FFTPlan.joined_stores (each complex tile stored as one [R2, R3, 2] pair) and folded_twiddles (the row
+    twiddle inside per-row left factors): odd T, batch 2 (dk summed over the batch), from recomputed rows, kept rows
+    and kept spectra (whose stores are joined too), the 64 x 16 and 32 x 16 spectral tiles."""
+    plan = fftconv.fft_plan(33, **options)
 
     def fast(u, k):
         return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
 
     compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=5), TOL)
+
+
+def test_causal_fft_conv_folded_twiddles_one_gradient():
+    """folded_twiddles with only du or only dk asked for (the grad kernel's staging order differs per case)."""
+    plan = fftconv.fft_plan(31, folded_twiddles=True, joined_stores=True)
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    inputs = conv_inputs(1, 31, 2, 20, seed=6)
+    for name in ("u", "k"):
+        compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
 
 
 def test_default_plan_keeps_spectra_only_for_a_backward():

@@ -14,8 +14,8 @@ Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk 
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (FFTPlan
 fields: the spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's spectra kept for the backward or not; the
-rows stages' tile order and register caps; the spectral kernels' joined stores) and the stages of each, on the same
-GPU.
+rows stages' tile order and register caps; the spectral kernels' joined stores and folded twiddles) and the stages of
+each, on the same GPU.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ VARIANTS = {"recompute rows": dict(keep_rows=False),
             "rows n23-first (group 128)": dict(rows_group=128),
             "rows no register cap": dict(rows_maxnreg=None),
             "joined stores": dict(joined_stores=True),
+            "joined stores, folded twiddles": dict(joined_stores=True, folded_twiddles=True),
             "tile 32x16": dict(tile=512)}
 
 
@@ -103,7 +104,7 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     """Milliseconds of each kernel, fwd and bwd (float32 inputs; the in-place stages overwrite their inputs, so the
     values drift from call to call: the timing does not depend on them). The rows stages of the time-major signals
     under three tile orders and register caps; the spectral ones with and without kept spectra, and with joined
-    stores."""
+    stores (and folded twiddles)."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -128,10 +129,12 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     stages["spectral product"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows)
     stages["spectral product, keeping spectra"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows, True)
     stages["spectral grad (du, dk)"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True, True)
-    joined = dataclasses.replace(plan, joined_stores=True)
-    stages["spectral product, joined stores"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], joined, y_rows)
-    stages["spectral grad (du, dk), joined stores"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2],
-                                                                     joined, True, True)
+    for name, options in (("joined stores", dict(joined_stores=True)),
+                          ("joined stores, folded twiddles", dict(joined_stores=True, folded_twiddles=True))):
+        p = dataclasses.replace(plan, **options)
+        stages[f"spectral product, {name}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
+        stages[f"spectral grad (du, dk), {name}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1,
+                                                                        u.shape[2], p, True, True)
     stages["spectral grad, kept spectra"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True,
                                                            True, True)
     return [f"  {name:52} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]

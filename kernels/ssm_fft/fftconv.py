@@ -68,7 +68,12 @@ class FFTPlan:
     and 128 on the spectral kernels, 3 and 4 programs per SM, measured 0-3% slower on an H100.) joined_stores: the
     spectral kernels store each complex output tile (re and im planes) with one store of the joined pair, so its
     conversion from the accumulator layout goes through shared memory once, not twice (sm_90 SASS: 2 barriers
-    fewer per product item, 4 per grad item; see _store_complex)."""
+    fewer per product item, 4 per grad item; see _store_complex). folded_twiddles: the row twiddle folds into
+    per-row left factors (_folded_row_factors), so an item's loaded tiles are staged as tensor-core operands with
+    no register arithmetic, and the kernels load an item's tiles (the grad: dy's and k's) before its first product,
+    so that they share one shared-memory round trip (sm_90 SASS, loop barriers per product / grad item: 10 / 18
+    default, 8 / 14 joined_stores, 8 / 16 folded_twiddles, 6 / 12 both; 232-255 registers instead of 164-190, 2
+    programs per SM instead of 3 for the product)."""
 
     n: int
     r1: int
@@ -79,6 +84,7 @@ class FFTPlan:
     rows_group: int = 16
     rows_maxnreg: int | None = 128
     joined_stores: bool = False
+    folded_twiddles: bool = False
 
     @property
     def m(self) -> int:
@@ -97,7 +103,7 @@ class FFTPlan:
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
              keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
-             joined_stores: bool = False) -> FFTPlan:
+             joined_stores: bool = False, folded_twiddles: bool = False) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
@@ -116,7 +122,8 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
     return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
-                   rows_group=rows_group, rows_maxnreg=rows_maxnreg, joined_stores=joined_stores)
+                   rows_group=rows_group, rows_maxnreg=rows_maxnreg, joined_stores=joined_stores,
+                   folded_twiddles=folded_twiddles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,6 +162,23 @@ def _spectral_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) ->
     rows = unit(torch.outer(k1, n23), n).transpose(0, 1)
     return (factors.to(device=device, dtype=torch.float32).contiguous(),
             rows.to(device=device, dtype=torch.float32).contiguous())
+
+
+@functools.lru_cache(maxsize=None)
+def _folded_tables(n: int, r1: int, r2: int, r3: int, device: torch.device) -> torch.Tensor:
+    """float32 [R1/2 + 1, 2 R2 R2 + 2 R2 R3] (FFTPlan.folded_twiddles), computed in float64 from exact integer
+    phases: per row k1, F_R2 diag(d2) [2, R2, R2] then tw_inner * d3 [2, R2, R3], with the row twiddle
+    W_N^{k1 (R3 n2 + n3)} = d2[n2] d3[n3] (see _folded_row_factors); W_R2 = W_N^{R1 R3}, W_M = W_N^{R1}."""
+    k1 = torch.arange(r1 // 2 + 1, dtype=torch.float64)[:, None, None]
+    i2, i3 = torch.arange(r2, dtype=torch.float64), torch.arange(r3, dtype=torch.float64)
+
+    def unit(phase_numerator: torch.Tensor) -> torch.Tensor:  # [K1, A, B] -> [K1, 2 A B]
+        phase = 2 * math.pi * phase_numerator.remainder(n) / n
+        return torch.stack([torch.cos(phase), -torch.sin(phase)], 1).flatten(1)
+
+    left = unit(r1 * r3 * torch.outer(i2, i2)[None] + r3 * k1 * i2[None, None, :])
+    inner = unit(r1 * torch.outer(i2, i3)[None] + k1 * i3[None, None, :])
+    return torch.cat([left, inner], 1).to(device=device, dtype=torch.float32).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------- kernels
@@ -314,18 +338,47 @@ def _row_factors(row_twiddle, tables, R2: tl.constexpr, R3: tl.constexpr):
 
 
 @triton.jit
-def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
-    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3]."""
-    br, bi = _left_cdot(f2r, f2i, ar * twr - ai * twi, ar * twi + ai * twr, False)
+def _folded_row_factors(folded_row, tables, R2: tl.constexpr, R3: tl.constexpr):
+    """_row_factors with the row twiddle folded in (FFTPlan.folded_twiddles), from row k1 of _folded_tables. The
+    row twiddle factors, W_N^{k1 (R3 n2 + n3)} = d2[n2] d3[n3] with d2 = W_N^{k1 R3 n2}, d3 = W_N^{k1 n3}, so its
+    diagonal scalings join the program's loop-invariant factors: F_R2 (a * tw_row) = (F_R2 diag(d2)) a diag(d3),
+    and diag(d3), a column scaling, commutes with the left product into tw_inner. The slots hold
+    ((F_R2 diag(d2))^T = diag(d2) F_R2 -- the inverse's left factor, conjugated there --, F_R2 diag(d2),
+    tw_inner * d3, F_R3), all plain loads: the loaded tiles and the left factors go to the tensor cores'
+    shared-memory operands with no arithmetic in registers."""
+    M: tl.constexpr = R2 * R3
+    i2 = tl.arange(0, R2)
+    i3 = tl.arange(0, R3)
+    left = folded_row + i2[:, None] * R2 + i2[None, :]
+    left_t = folded_row + i2[None, :] * R2 + i2[:, None]
+    inner = folded_row + 2 * R2 * R2 + i2[:, None] * R3 + i3[None, :]
+    f3 = tables + 2 * R2 * R2 + i3[:, None] * R3 + i3[None, :]
+    return (tl.load(left_t), tl.load(left_t + R2 * R2), tl.load(left), tl.load(left + R2 * R2),
+            tl.load(inner), tl.load(inner + M), tl.load(f3), tl.load(f3 + R3 * R3))
+
+
+@triton.jit
+def _row_spectrum(ar, ai, twr, twi, f2r, f2i, tir, tii, f3r, f3i, FOLDED: tl.constexpr):
+    """X = ((F_R2 @ (a * tw_row)) * tw_inner) @ F_R3 for one row k1: the 2-D DFT over (n2, n3), output [k2, k3].
+    FOLDED: the factors of _folded_row_factors, the row twiddle inside them."""
+    if not FOLDED:
+        ar, ai = ar * twr - ai * twi, ar * twi + ai * twr
+    br, bi = _left_cdot(f2r, f2i, ar, ai, False)
     return _right_cdot(br * tir - bi * tii, br * tii + bi * tir, f3r, f3i, False)
 
 
 @triton.jit
-def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i):
-    """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage."""
+def _row_inverse(yr, yi, twr, twi, f2r, f2i, tir, tii, f3r, f3i, FOLDED: tl.constexpr):
+    """The adjoint of _row_spectrum (every factor conjugated, in reverse order); the 1/N is in the rows stage.
+    FOLDED: conj(tw_row) * (conj(F_R2) c) = conj(diag(d2) F_R2) (c * conj(d3)), the first slot's factor."""
     cr, ci = _right_cdot(yr, yi, f3r, f3i, True)
-    xr, xi = _left_cdot(f2r, f2i, cr * tir + ci * tii, ci * tir - cr * tii, True)
-    return xr * twr + xi * twi, xi * twr - xr * twi
+    cr, ci = cr * tir + ci * tii, ci * tir - cr * tii
+    if FOLDED:
+        xr, xi = _left_cdot(twr, twi, cr, ci, True)
+    else:
+        xr, xi = _left_cdot(f2r, f2i, cr, ci, True)
+        xr, xi = xr * twr + xi * twi, xi * twr - xr * twi
+    return xr, xi
 
 
 @triton.jit
@@ -351,9 +404,9 @@ def _store_complex(ptr, tile, re, im, M: tl.constexpr, JOINED: tl.constexpr):
 
 
 @triton.jit
-def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items_per_program,
-                             SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr,
-                             JOINED: tl.constexpr):
+def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, folded, batch, channels,
+                             items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr,
+                             JOINED: tl.constexpr, FOLDED: tl.constexpr):
     """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows unless
     KEEP_SPECTRA). KEEP_SPECTRA: the spectra DFT2(u_rows), DFT2(k_rows) are written over their rows, for the
     backward (K's at the channel's last batch row: the earlier ones still read k_rows)."""
@@ -361,7 +414,10 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
     last = tl.minimum(first + items_per_program, batch * channels)
-    factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
+    if FOLDED:
+        factors = _folded_row_factors(folded + k1 * (2 * R2 * R2 + 2 * M), tables, R2, R3)
+    else:
+        factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
     row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)
     for item in range(first, last):
@@ -369,9 +425,16 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
         # int64 before the product: c SEQ passes 2^31 from 8192 channels at T = 131072
         k_row = k_rows + (row + c.to(tl.int64) * SEQ)
         offset = row + ((item % batch) * channels + c).to(tl.int64) * SEQ
-        kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors)
-        ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors)
-        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors)
+        if FOLDED:  # both loaded before either product: their four operand tiles share one shared-memory round trip
+            k_in = tl.load(k_row + tile), tl.load(k_row + M + tile)
+            u_in = tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile)
+            kr, ki = _row_spectrum(*k_in, *factors, FOLDED)
+            ur, ui = _row_spectrum(*u_in, *factors, FOLDED)
+        else:
+            kr, ki = _row_spectrum(tl.load(k_row + tile), tl.load(k_row + M + tile), *factors, FOLDED)
+            ur, ui = _row_spectrum(tl.load(u_rows + offset + tile), tl.load(u_rows + offset + M + tile), *factors,
+                                   FOLDED)
+        yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors, FOLDED)
         _store_complex(y_rows + offset, tile, yr, yi, M, JOINED)
         if KEEP_SPECTRA:
             _store_complex(u_rows + offset, tile, ur, ui, M, JOINED)
@@ -380,9 +443,10 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, batch
 
 
 @triton.jit
-def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, batch, channels,
+def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, folded, batch, channels,
                           items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
-                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr, JOINED: tl.constexpr):
+                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr, JOINED: tl.constexpr,
+                          FOLDED: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
     may be k_rows). SPECTRA: u_rows and k_rows hold the spectra U, K (the forward's KEEP_SPECTRA), not rows.
 
@@ -391,7 +455,10 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
     last = tl.minimum(first + items_per_program, batch * channels)
-    factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
+    if FOLDED:
+        factors = _folded_row_factors(folded + k1 * (2 * R2 * R2 + 2 * M), tables, R2, R3)
+    else:
+        factors = _row_factors(row_twiddles + k1 * (2 * M), tables, R2, R3)
     tile = tl.arange(0, R2)[:, None] * R3 + tl.arange(0, R3)[None, :]
     row = tl.zeros([], dtype=tl.int64) + k1 * (2 * M)
     dkr = tl.zeros([R2, R3], dtype=tl.float32)
@@ -402,22 +469,30 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
         k_row = k_rows + (row + c.to(tl.int64) * SEQ)
         dk_row = dk_rows + (row + c.to(tl.int64) * SEQ)
         dy_row = dy_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
-        gr, gi = _row_spectrum(tl.load(dy_row + tile), tl.load(dy_row + M + tile), *factors)
+        dy_in = tl.load(dy_row + tile), tl.load(dy_row + M + tile)
+        # FOLDED: dy's and k's tiles loaded before the first product share one shared-memory round trip (u's too
+        # spill at 255 registers in the sm_90 compile: u's stays at its use)
+        if FOLDED:
+            if NEED_DU:
+                k_in = tl.load(k_row + tile), tl.load(k_row + M + tile)
+        gr, gi = _row_spectrum(*dy_in, *factors, FOLDED)
         if NEED_DU:  # DY conj(K)
-            kr, ki = tl.load(k_row + tile), tl.load(k_row + M + tile)
+            if not FOLDED:
+                k_in = tl.load(k_row + tile), tl.load(k_row + M + tile)
+            kr, ki = k_in
             if not SPECTRA:
-                kr, ki = _row_spectrum(kr, ki, *factors)
-            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors)
+                kr, ki = _row_spectrum(kr, ki, *factors, FOLDED)
+            dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors, FOLDED)
             _store_complex(dy_row, tile, dur, dui, M, JOINED)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
             ur, ui = tl.load(u_row + tile), tl.load(u_row + M + tile)
             if not SPECTRA:
-                ur, ui = _row_spectrum(ur, ui, *factors)
+                ur, ui = _row_spectrum(ur, ui, *factors, FOLDED)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
-                outr, outi = _row_inverse(dkr, dki, *factors)
+                outr, outi = _row_inverse(dkr, dki, *factors, FOLDED)
                 _store_complex(dk_row, tile, outr, outi, M, JOINED)
                 dkr = tl.zeros([R2, R3], dtype=tl.float32)
                 dki = tl.zeros([R2, R3], dtype=tl.float32)
@@ -505,7 +580,16 @@ def _spectral_grid(plan: FFTPlan, batch: int, channels: int, device: torch.devic
 
 
 def _spectral_options(plan: FFTPlan) -> dict:
-    return dict(R2=plan.r2, R3=plan.r3, JOINED=plan.joined_stores, num_warps=plan.spectral_warps, num_stages=1)
+    return dict(R2=plan.r2, R3=plan.r3, JOINED=plan.joined_stores, FOLDED=plan.folded_twiddles,
+                num_warps=plan.spectral_warps, num_stages=1)
+
+
+def _folded(plan: FFTPlan, row_twiddles: torch.Tensor) -> torch.Tensor:
+    """The folded factors' table when plan.folded_twiddles; else the kernels do not read that argument (it gets
+    row_twiddles, a valid device pointer)."""
+    if not plan.folded_twiddles:
+        return row_twiddles
+    return _folded_tables(plan.n, plan.r1, plan.r2, plan.r3, row_twiddles.device)
 
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
@@ -517,8 +601,9 @@ def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, cha
     y_rows = u_rows if y_rows is None else y_rows
     grid, items = _spectral_grid(plan, batch, channels, u_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, u_rows.device)
-    _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, batch, channels, items,
-                                   u_rows[0].numel(), KEEP_SPECTRA=keep_spectra, **_spectral_options(plan))
+    _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, _folded(plan, row_twiddles), batch,
+                                   channels, items, u_rows[0].numel(), KEEP_SPECTRA=keep_spectra,
+                                   **_spectral_options(plan))
     return y_rows
 
 
@@ -528,9 +613,9 @@ def spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch: int, channels: int, p
     k_rows hold the forward's kept spectra (spectral_product's keep_spectra)."""
     grid, items = _spectral_grid(plan, batch, channels, dy_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, dy_rows.device)
-    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, dk_rows, tables, row_twiddles, batch,
-                                channels, items, dy_rows[0].numel(), NEED_DU=need_du, NEED_DK=need_dk,
-                                SPECTRA=spectra, **_spectral_options(plan))
+    _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, dk_rows, tables, row_twiddles,
+                                _folded(plan, row_twiddles), batch, channels, items, dy_rows[0].numel(),
+                                NEED_DU=need_du, NEED_DK=need_dk, SPECTRA=spectra, **_spectral_options(plan))
 
 
 class CausalFFTConvFunction(torch.autograd.Function):

@@ -37,7 +37,9 @@ def test_causal_fft_conv_bf16_long(batch, length, channels):
                                      dict(keep_rows=True, keep_spectra=True), dict(rows_maxnreg=None),
                                      dict(rows_group=4, keep_rows=True, keep_spectra=True),
                                      dict(joined_stores=True), dict(joined_stores=True, keep_rows=True),
-                                     dict(joined_stores=True, keep_rows=True, keep_spectra=True)])
+                                     dict(joined_stores=True, keep_rows=True, keep_spectra=True),
+                                     dict(folded_twiddles=True), dict(folded_twiddles=True, joined_stores=True,
+                                                                      keep_rows=True)])
 def test_causal_fft_conv_plan_options(options):
     """The tuning options of the Triton path (the benchmark's variants) compute the same convolution."""
     plan = fftconv.fft_plan(20000, **options)
