@@ -199,6 +199,21 @@ def test_recomputed_states(monkeypatch):
     compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True), x, TOL)
 
 
+def test_transposed_key_gate_scans(monkeypatch):
+    """KEY_GATE_SCAN_TRANSPOSED: the value pass's scans carry S^T (every kind: units, boundary states, the gate
+    gradient's pair term); documents of odd lengths split into units of one chunk, initial states; an unknown kind is
+    refused."""
+    docs = [5, 64, 70]
+    monkeypatch.setattr(gsa_chunk, "UNIT_CHUNKS", 1)
+    monkeypatch.setattr(gsa_chunk, "KEY_GATE_SCAN_TRANSPOSED", frozenset({"units", "states", "pair"}))
+    compare_with_reference(gsa_op(chunk_gsa, True), gsa_op(recurrent_gsa, True),
+                           gsa_inputs(1, sum(docs), H=2, docs=docs), TOL)
+    monkeypatch.setattr(gsa_chunk, "KEY_GATE_SCAN_TRANSPOSED", frozenset({"unit"}))
+    x = gsa_inputs(1, 8)
+    with pytest.raises(ValueError, match="KEY_GATE_SCAN_TRANSPOSED"):
+        chunk_gsa(x["q"], x["k"], x["v"], x["s"], x["g"])
+
+
 @settings(max_examples=8, deadline=None)
 @given(B=st.integers(1, 2), T=st.integers(1, 70), H=st.just(1), k_dim=st.sampled_from([16, 24, 40]),
        v_dim=st.sampled_from([8, 20]), m_dim=st.sampled_from([4, 16, 17]), init=st.booleans(), final=st.booleans(),

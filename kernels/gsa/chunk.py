@@ -88,6 +88,16 @@ SCORES_WARPS = 8
 STREAM_WARPS = 4
 VALUE_GATE_WARPS = 8
 SCAN_WARPS = 4
+# Kinds of key-gated scan (GSA's value pass, Mamba2) that carry S^T instead of S: "units" (unit_initial_states),
+# "states" (state_scan writing boundary states), "pair" (state_scan with the gate gradient's pair term). Carrying S,
+# the product's A operand is (x * w)^T: built in registers, transposed through shared memory and reloaded as a
+# register operand, and x is prefetched in registers (sm_90 compile, Triton 3.9, 4 warps: 216-224 registers, two
+# programs per SM). Carrying S^T, (x * w) is the B operand (one shared-memory store) and y^T a view of y's pipelined
+# shared copy, as in the value-gated scans (136-152 registers, three per SM); the costs: boundary states stored from
+# S^T's layout (loop barriers 4 -> 10) and, with "pair", the z term summed across warps (8 -> 28).
+# Candidate, off until timed on a GPU (/work/notes/helper_gsa3_notes.md).
+KEY_GATE_SCAN_TRANSPOSED: frozenset[str] = frozenset()
+_SCAN_KINDS = frozenset({"units", "states", "pair"})
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -260,18 +270,19 @@ def _load_gates(gc, rel, cols, row_ok, last_rel, D: tl.constexpr, REVERSE: tl.co
 
 
 @triton.jit
-def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots,
+def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, state_offs, state_mask, n_slots,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GATE_KEY: tl.constexpr,
-                    HAS_PAIR: tl.constexpr):
-    """Write the boundary state; with a pair state P (the forward states, in the backward) also the partial
-    rowsum (key gate) or colsum (value gate) of S * P over this program's block: the gate gradient's z term."""
-    offs = (slot * H + i_h) * K * V + rk[:, None] * V + rv[None, :]
-    mask = (rk < K)[:, None] & (rv < V)[None, :]
-    tl.store(states + offs, S.to(states.dtype.element_ty), mask=mask)
+                    TRANSPOSED: tl.constexpr, HAS_PAIR: tl.constexpr):
+    """Write the boundary state (S, or S^T with TRANSPOSED; state_offs/mask address it in the [K, V] layout); with a
+    pair state P (the forward states, in the backward) also the partial rowsum (key gate) or colsum (value gate) of
+    S * P over this program's block: the gate gradient's z term."""
+    offs = (slot * H + i_h) * K * V + state_offs
+    tl.store(states + offs, S.to(states.dtype.element_ty), mask=state_mask)
     if HAS_PAIR:
-        P = tl.load(pair + offs, mask=mask, other=0.0).to(tl.float32)
+        P = tl.load(pair + offs, mask=state_mask, other=0.0).to(tl.float32)
         if GATE_KEY:
-            tl.store(pair_sum + ((i_v * n_slots + slot) * H + i_h) * K + rk, tl.sum(S * P, axis=1), mask=rk < K)
+            tl.store(pair_sum + ((i_v * n_slots + slot) * H + i_h) * K + rk,
+                     tl.sum(S * P, axis=0 if TRANSPOSED else 1), mask=rk < K)
         else:
             tl.store(pair_sum + ((i_k * n_slots + slot) * H + i_h) * V + rv, tl.sum(S * P, axis=0), mask=rv < V)
 
@@ -280,10 +291,11 @@ def _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_sl
 def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_sum, chunks, units, scale, n_slots,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, D: tl.constexpr, BT: tl.constexpr,
                        BK: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr, GATE_KEY: tl.constexpr,
-                       REVERSE: tl.constexpr,
+                       REVERSE: tl.constexpr, TRANSPOSED: tl.constexpr,
                        HAS_INIT: tl.constexpr, STORE: tl.constexpr, PER_UNIT: tl.constexpr,
                        HAS_PAIR: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Sequential loop over one unit's chunks for one [BK, BV] block of the state.
+    """Sequential loop over one unit's chunks for one [BK, BV] block of the state (carried as S^T, [BV, BK], with
+    TRANSPOSED: key gate only; states in memory keep the [K, V] layout).
 
     Forward (x = k, y = v):  S <- exp(b_C) * S + sum_i (x_i * exp(b_C - b_i)) y_i^T    (gate on the rows)
     Reverse (x = q, y = do): S <- exp(b_C) * S + scale * sum_i (x_i * exp(b_i)) y_i^T, from the chunk end backwards:
@@ -302,8 +314,12 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
     rk = i_k * BK + tl.arange(0, BK)
     rv = i_v * BV + tl.arange(0, BV)
     rows = tl.arange(0, BT)
-    state_offs = rk[:, None] * V + rv[None, :]
-    state_mask = (rk < K)[:, None] & (rv < V)[None, :]
+    if TRANSPOSED:  # S^T, [BV, BK]
+        state_offs = rk[None, :] * V + rv[:, None]
+        state_mask = (rk < K)[None, :] & (rv < V)[:, None]
+    else:
+        state_offs = rk[:, None] * V + rv[None, :]
+        state_mask = (rk < K)[:, None] & (rv < V)[None, :]
     if GATE_KEY:  # D = K, BD = BK
         rg = rk
         other_block = i_v
@@ -313,7 +329,7 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
     if HAS_INIT:
         S = tl.load(init + (i_u * H + i_h) * K * V + state_offs, mask=state_mask, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros([BK, BV], dtype=tl.float32)
+        S = tl.zeros([BV, BK] if TRANSPOSED else [BK, BV], dtype=tl.float32)
     total = tl.zeros([BD], dtype=tl.float32)
     for i in range(n_chunks):
         if REVERSE:
@@ -326,8 +342,8 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
         head0 = tl.load(chunks + c * 3).to(tl.int64) * H + i_h  # (first token, head) of the chunk
         n = tl.load(chunks + c * 3 + 1)
         if STORE:
-            _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, n_slots, H, K, V, GATE_KEY,
-                            HAS_PAIR)
+            _store_boundary(S, states, pair, pair_sum, slot, i_h, i_k, i_v, rk, rv, state_offs, state_mask,
+                            n_slots, H, K, V, GATE_KEY, TRANSPOSED, HAS_PAIR)
         valid = rows < n
         X = _load_rows(x + head0 * K, rows * H, rk, valid, K)
         Y = _load_rows(y + head0 * V, rows * H, rv, valid, V)
@@ -337,7 +353,10 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
             weight = tl.exp(G)  # exp(b_i): from the chunk start to token i
         else:
             weight = tl.exp(last[None, :] - G)  # exp(b_C - b_i): from token i to the chunk end
-        if GATE_KEY:
+        if TRANSPOSED:  # S^T <- S^T exp(b_C) + Y^T (X * w): the operand made in registers is B, Y^T a view of Y
+            update = tl.dot(tl.trans(Y.to(DT)), (X * weight).to(DT), input_precision=PREC)
+            S = S * tl.exp(last)[None, :] + scale * update
+        elif GATE_KEY:
             update = tl.dot(tl.trans((X * weight).to(DT)), Y.to(DT), input_precision=PREC)
             S = S * tl.exp(last)[:, None] + scale * update
         else:
@@ -352,8 +371,8 @@ def _state_scan_kernel(x, y, gc, init, states, end_state, log_decay, pair, pair_
         end_slot = first_slot + n_chunks
     if STORE:
         if ends_sequence:
-            _store_boundary(S, states, pair, pair_sum, end_slot, i_h, i_k, i_v, rk, rv, n_slots, H, K, V, GATE_KEY,
-                            HAS_PAIR)
+            _store_boundary(S, states, pair, pair_sum, end_slot, i_h, i_k, i_v, rk, rv, state_offs, state_mask,
+                            n_slots, H, K, V, GATE_KEY, TRANSPOSED, HAS_PAIR)
     if PER_UNIT:
         tl.store(end_state + (i_u * H + i_h) * K * V + state_offs, S, mask=state_mask)
         if other_block == 0:
@@ -709,12 +728,16 @@ def gate_grad(x: torch.Tensor, z: torch.Tensor, plan: Plan, dtype: torch.dtype) 
     return dg
 
 
-def _scan_args(x, y, gc, plan: Plan, gate_key: bool, reverse: bool):
+def _scan_args(x, y, gc, plan: Plan, gate_key: bool, reverse: bool, kind: str):
+    if not KEY_GATE_SCAN_TRANSPOSED <= _SCAN_KINDS:
+        raise ValueError(f"KEY_GATE_SCAN_TRANSPOSED must be a subset of {sorted(_SCAN_KINDS)}, "
+                         f"got {sorted(KEY_GATE_SCAN_TRANSPOSED)}")
     H, K, V = x.shape[2], x.shape[3], y.shape[3]
     BK, BV = _block(K), _block(V)
     grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), plan.units.shape[0] * H)
     return grid, dict(H=H, K=K, V=V, D=K if gate_key else V, BT=BT, BK=BK, BV=BV, BD=BK if gate_key else BV,
-                      GATE_KEY=gate_key, REVERSE=reverse, **_dot_args(x.dtype))
+                      GATE_KEY=gate_key, REVERSE=reverse, TRANSPOSED=gate_key and kind in KEY_GATE_SCAN_TRANSPOSED,
+                      **_dot_args(x.dtype))
 
 
 def unit_initial_states(x, y, gc, init, plan: Plan, gate_key: bool, reverse: bool, scale: float):
@@ -723,7 +746,7 @@ def unit_initial_states(x, y, gc, init, plan: Plan, gate_key: bool, reverse: boo
     them along each sequence. float32 [U, H, K, V], or None for zero initial states of unsplit sequences."""
     if not plan.split:
         return init
-    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse)
+    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse, "units")
     H, K, V, D = meta["H"], meta["K"], meta["V"], meta["D"]
     n_units = plan.units.shape[0]
     unit_end = new_output((n_units, H, K, V), torch.float32, x.device)
@@ -747,7 +770,7 @@ def state_scan(x, y, gc, unit_init, plan: Plan, gate_key: bool, reverse: bool, s
     end is the final state forward and the initial state's gradient in reverse; z is the gate gradient's chunk-end
     term, computed when ``pair`` (the forward states) is given.
     """
-    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse)
+    grid, meta = _scan_args(x, y, gc, plan, gate_key, reverse, "states" if pair is None else "pair")
     H, K, V, D = meta["H"], meta["K"], meta["V"], meta["D"]
     states = new_output((plan.n_slots, H, K, V), x.dtype, x.device)
     end = new_output((plan.n_seqs, H, K, V), torch.float32, x.device)
