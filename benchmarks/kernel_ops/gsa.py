@@ -74,7 +74,23 @@ SPEC = OpSpec(
 VARIANTS = {
     "recompute states": {"KEEP_FORWARD_STATES": False},
     "every chunk deferred to the sub-block launch": {"GAP_LIMIT": -1.0},
+    "value-pass scans carry S^T (units, states)": {"KEY_GATE_SCAN_TRANSPOSED": frozenset({"units", "states"})},
+    "value-pass scans carry S^T (units, states, pair)":
+        {"KEY_GATE_SCAN_TRANSPOSED": frozenset({"units", "states", "pair"})},
 }
+# One fwd+bwd's _state_scan_kernel calls in launch order (the defaults keep the forward's states): forward key pass
+# (units, states), value pass (units, states); backward value pass (units, pair), key pass (units, pair).
+SCAN_KERNEL = "_state_scan_kernel"
+
+
+def scan_times_us(fwd_bwd) -> list[float]:
+    """CUDA time of each _state_scan_kernel launch of one fwd_bwd(0) call, in launch order (us)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fwd_bwd(0)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.name.startswith(SCAN_KERNEL)]
+    return [e.time_range.elapsed_us() for e in sorted(kernels, key=lambda e: e.time_range.start)]
 
 
 def profile(lengths=LENGTHS) -> None:
@@ -91,12 +107,17 @@ def profile(lengths=LENGTHS) -> None:
     for T in lengths:
         fwd, fwd_bwd = step_functions(lct.forward, [make_inputs(T, seed, device, dtype) for seed in range(3)])
         print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}", flush=True)
+    def scans(name):
+        print(f"  {T:>7} scans, us: {' '.join(f'{t:.0f}' for t in scan_times_us(fwd_bwd))}  ({name})", flush=True)
+
+    scans("defaults")
     for name, settings in VARIANTS.items():
         saved = {key: getattr(gsa_chunk, key) for key in settings}
         for key, value in settings.items():
             setattr(gsa_chunk, key, value)
         try:
             print(f"  {T:>7} {time_ms(fwd, rotate=3):9.3f} {time_ms(fwd_bwd, rotate=3):9.3f}  ({name})", flush=True)
+            scans(name)
         finally:
             for key, value in saved.items():
                 setattr(gsa_chunk, key, value)
