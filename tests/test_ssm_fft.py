@@ -94,6 +94,42 @@ def test_causal_fft_conv_folded_twiddles_one_gradient():
         compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
 
 
+def test_causal_fft_conv_idft_channels():
+    """FFTPlan.idft_channels = 32 (rows_idft into the time-major y and du in tiles of 32 channels): odd T, batch 2
+    (dk summed over the batch), the interpreter's wide tiles."""
+    plan = fftconv.fft_plan(33, idft_channels=32)
+    u = torch.empty(2, 33, 3)
+    assert fftconv._rows_launch(fftconv._Signal.time_major_of(u), plan, 32)[1]["JC"] == 32
+
+    def fast(u, k):
+        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+    compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=7), TOL)
+
+
+@pytest.mark.parametrize("idft_channels", [32, 16])
+def test_rows_idft_channels_gpu_tile(monkeypatch, idft_channels):
+    """rows_idft alone with the GPU's 128-column tiles of FFTPlan.idft_channels (4 n23 x 32 channels, 8 x 16; k1 in
+    steps of 16), batch 2, a partial last channel tile, odd T, against the inverse over n1 in float64:
+    y[n1 M + n23] = (1/N) sum_{k1 <= R1/2} c_k1 Re(rows[k1, n23] e^{2 pi i n1 k1 / R1}), c = 1 at 0 and R1/2, else 2."""
+    monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 128)
+    plan = fftconv.fft_plan(33, idft_channels=idft_channels)
+    batch, length, channels, half = 2, 4093, 33, plan.half_rows
+    y = torch.full((batch, length, channels), float("nan"))
+    assert fftconv._rows_launch(fftconv._Signal.time_major_of(y), plan, idft_channels)[1]["J23"] == 128 // idft_channels
+    rows = torch.randn(batch * channels, half + 1, 2, plan.m, generator=torch.Generator().manual_seed(8))
+    fftconv.rows_idft(rows, fftconv._Signal.time_major_of(y), plan)
+    spectrum = torch.complex(rows[:, :, 0].double(), rows[:, :, 1].double())  # [B C, R1/2 + 1, M]
+    k1 = torch.arange(half + 1, dtype=torch.float64)
+    weight = torch.full((half + 1,), 2.0, dtype=torch.float64)
+    weight[0] = weight[half] = 1.0
+    phase = torch.exp(2j * torch.pi * torch.outer(torch.arange(half, dtype=torch.float64), k1) / plan.r1)
+    expected = torch.einsum("nk,gkm->gnm", phase * weight, spectrum).real / plan.n  # [B C, n1, M]
+    expected = expected.reshape(batch, channels, half * plan.m)[:, :, :length].transpose(1, 2)
+    error = (y.double() - expected).norm() / expected.norm()
+    assert error <= TOL, f"relative error {error:.2e}"
+
+
 def test_default_plan_keeps_spectra_only_for_a_backward():
     u, k = torch.randn(1, 40, 2), torch.randn(2, 40)
     assert not fftconv.default_plan(u, k).keep_rows  # nothing requires grad
@@ -123,6 +159,8 @@ def test_causal_fft_conv_rejects_bad_shapes():
         causal_fft_conv(u[0], torch.randn(3, 10))
     with pytest.raises(ValueError, match="T <= 524288"):
         fftconv.fft_plan(600_000)
+    with pytest.raises(ValueError, match="idft_channels must be None, 8, 16 or 32"):
+        fftconv.fft_plan(100, idft_channels=4)
 
 
 # --------------------------------------------------------------------------------------------------------- S4D

@@ -14,8 +14,8 @@ Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk 
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (FFTPlan
 fields: the spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's spectra kept for the backward or not; the
-rows stages' tile order and register caps; the spectral kernels' joined stores and folded twiddles) and the stages of
-each, on the same GPU.
+rows stages' tile order and register caps; the spectral kernels' joined stores and folded twiddles; rows_idft's
+128-column tiles of 32, 16 or 8 channels for time-major outputs) and the stages of each, on the same GPU.
 """
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ VARIANTS = {"recompute rows": dict(keep_rows=False),
             "rows no register cap": dict(rows_maxnreg=None),
             "joined stores": dict(joined_stores=True),
             "joined stores, folded twiddles": dict(joined_stores=True, folded_twiddles=True),
+            "idft 4 n23 x 32 channels (whole lines)": dict(idft_channels=32),
+            "idft 8 n23 x 16 channels": dict(idft_channels=16),
+            "idft 16 n23 x 8 channels": dict(idft_channels=8),
             "tile 32x16": dict(tile=512)}
 
 
@@ -103,8 +106,8 @@ def _variant_impls() -> list[Impl]:
 def _stage_times(T: int, device: torch.device) -> list[str]:
     """Milliseconds of each kernel, fwd and bwd (float32 inputs; the in-place stages overwrite their inputs, so the
     values drift from call to call: the timing does not depend on them). The rows stages of the time-major signals
-    under three tile orders and register caps; the spectral ones with and without kept spectra, and with joined
-    stores (and folded twiddles)."""
+    under three tile orders and register caps, and rows_idft y in 128-column tiles of 32, 16, 8 channels; the
+    spectral ones with and without kept spectra, and with joined stores (and folded twiddles)."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -126,6 +129,10 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
         stages[f"rows_dft k [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_dft(S.channel_major_of(k), p)
         stages[f"rows_idft dk [C, T] ({name})"] = lambda i, p=p: triton_fftconv.rows_idft(
             k_rows, S.channel_major_of(dk), p)
+    for channels in (32, 16, 8):
+        p = dataclasses.replace(plan, idft_channels=channels)
+        stages[f"rows_idft y [T, C] (idft_channels {channels})"] = lambda i, p=p: triton_fftconv.rows_idft(
+            u_rows, S.time_major_of(y), p)
     stages["spectral product"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows)
     stages["spectral product, keeping spectra"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows, True)
     stages["spectral grad (du, dk)"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True, True)

@@ -73,7 +73,12 @@ class FFTPlan:
     no register arithmetic, and the kernels load an item's tiles (the grad: dy's and k's) before its first product,
     so that they share one shared-memory round trip (sm_90 SASS, loop barriers per product / grad item: 10 / 18
     default, 8 / 14 joined_stores, 8 / 16 folded_twiddles, 6 / 12 both; 232-255 registers instead of 164-190, 2
-    programs per SM instead of 3 for the product)."""
+    programs per SM instead of 3 for the product). idft_channels: None, or the channels of a rows_idft tile into a
+    time-major output ([T, C]: y, du) of 128 columns, 128 / idft_channels n23 x idft_channels (8, 16 or 32; see
+    _rows_launch). 32: each warp store covers 4 whole 128-byte lines of 4 consecutive tokens (as a channel-major
+    output's tile does) instead of one 32-byte sector in each of 16 lines 8 KB apart, and the rows buffer is read
+    in 16-byte halves of sectors; 16: half lines written, whole sectors read; 8: the default's pieces in the wider
+    launch (the controls that tell the written and the read granularity apart)."""
 
     n: int
     r1: int
@@ -85,6 +90,7 @@ class FFTPlan:
     rows_maxnreg: int | None = 128
     joined_stores: bool = False
     folded_twiddles: bool = False
+    idft_channels: int | None = None
 
     @property
     def m(self) -> int:
@@ -103,7 +109,7 @@ class FFTPlan:
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
              keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
-             joined_stores: bool = False, folded_twiddles: bool = False) -> FFTPlan:
+             joined_stores: bool = False, folded_twiddles: bool = False, idft_channels: int | None = None) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
     ``tile`` = R2 * R3 is the size of the 2-D DFT each spectral program holds (256, 512 or 1024); ``fft_size``
@@ -121,9 +127,11 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
         raise ValueError("keep_spectra needs keep_rows (the spectra are kept in the kept row buffers)")
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
+    if idft_channels not in (None, 8, 16, 32):
+        raise ValueError(f"idft_channels must be None, 8, 16 or 32; got {idft_channels}")
     return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
                    rows_group=rows_group, rows_maxnreg=rows_maxnreg, joined_stores=joined_stores,
-                   folded_twiddles=folded_twiddles)
+                   folded_twiddles=folded_twiddles, idft_channels=idft_channels)
 
 
 @functools.lru_cache(maxsize=None)
@@ -529,19 +537,29 @@ class _Signal:
 _INTERPRETER_TILE_COLUMNS = 4096  # few, wide programs: the interpreter pays per program and per op, not per element
 
 
-def _rows_launch(signal: _Signal, plan: FFTPlan):
-    """Grid and tile constants shared by the two rows kernels.
+def _rows_launch(signal: _Signal, plan: FFTPlan, idft_channels: int | None = None):
+    """Grid and tile constants of the rows kernels.
 
     On GPUs a tile is 64 columns: 8 consecutive n23 (one 32-byte sector of a rows-buffer row) times 8 channels (one
     sector of a time-major [T, C] row), or 64 consecutive n23 of one channel for channel-major signals. (128-column
     tiles need ~170-210 registers per thread at 8 warps, one program per SM; 64 columns, 92-126: two.)
+    idft_channels (rows_idft into a time-major signal, FFTPlan.idft_channels): 128 columns, 128 / idft_channels
+    n23 times idft_channels channels, at 4 warps (one warpgroup: a warp store is one n1 row of the tile) with k1 in
+    steps of 16 (sm_90: 126-127 registers, no spills, 8 barriers; 8 n23 x 32 channels, or 8 warps, spill or take
+    33-67 barriers).
     """
-    columns = 64 if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 8)
-    j23, jc = (columns // 8, 8) if signal.time_major else (min(columns, plan.m), 1)
-    bm = bk = min(plan.half_rows, 64)
+    wide = bool(idft_channels) and signal.time_major
+    columns = (128 if wide else 64) if signal.data.is_cuda else min(_INTERPRETER_TILE_COLUMNS, plan.m * 8)
+    bm = min(plan.half_rows, 64)
+    if wide:
+        j23, jc, bk, warps = columns // idft_channels, idft_channels, 16, 4
+    else:
+        j23, jc = (columns // 8, 8) if signal.time_major else (min(columns, plan.m), 1)
+        bk, warps = bm, 8
     tiles = (plan.m // j23) * triton.cdiv(signal.channels, jc)
     grid = (tiles * (plan.half_rows // bm), signal.batch)
-    meta = dict(group=min(plan.rows_group, plan.m // j23), BM=bm, BK=bk, J23=j23, JC=jc, num_warps=8, num_stages=1)
+    meta = dict(group=min(plan.rows_group, plan.m // j23), BM=bm, BK=bk, J23=j23, JC=jc, num_warps=warps,
+                num_stages=1)
     if plan.rows_maxnreg:
         meta["maxnreg"] = plan.rows_maxnreg
     return grid, meta
@@ -561,7 +579,7 @@ def rows_dft(signal: _Signal, plan: FFTPlan) -> torch.Tensor:
 def rows_idft(rows: torch.Tensor, out: _Signal, plan: FFTPlan) -> None:
     """The last stage: writes the first ``out.length`` samples of the real inverse into ``out.data``."""
     _, _, mc, ms = _rows_tables(plan.r1, plan.n, rows.device)
-    grid, meta = _rows_launch(out, plan)
+    grid, meta = _rows_launch(out, plan, plan.idft_channels)
     _rows_idft_kernel[grid](rows, out.data, mc, ms, out.length, out.channels, out.stride_b, out.stride_t,
                             out.stride_c, plan.n, plan.m, plan.half_rows, **meta)
 

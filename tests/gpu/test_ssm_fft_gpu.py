@@ -39,7 +39,9 @@ def test_causal_fft_conv_bf16_long(batch, length, channels):
                                      dict(joined_stores=True), dict(joined_stores=True, keep_rows=True),
                                      dict(joined_stores=True, keep_rows=True, keep_spectra=True),
                                      dict(folded_twiddles=True), dict(folded_twiddles=True, joined_stores=True,
-                                                                      keep_rows=True)])
+                                                                      keep_rows=True),
+                                     dict(idft_channels=32), dict(idft_channels=32, keep_rows=True),
+                                     dict(idft_channels=16), dict(idft_channels=8)])
 def test_causal_fft_conv_plan_options(options):
     """The tuning options of the Triton path (the benchmark's variants) compute the same convolution."""
     plan = fftconv.fft_plan(20000, **options)
