@@ -51,6 +51,15 @@ def test_gsa_varlen():
     print(compare_with_reference(gsa_op(chunk_gsa), gsa_op(recurrent_gsa), gsa_inputs(1, sum(docs), 1, docs), TOL))
 
 
+def test_gsa_transposed_key_gate_scans(monkeypatch):
+    """KEY_GATE_SCAN_TRANSPOSED with every kind (the value pass's scans carry S^T; V = 96: a masked column block)."""
+    import lctrain.kernels.gsa.chunk as gsa_chunk
+
+    monkeypatch.setattr(gsa_chunk, "KEY_GATE_SCAN_TRANSPOSED", frozenset({"units", "states", "pair"}))
+    docs = [1, 63, 64, 65, 3000, 7, 4900, 8192]
+    print(compare_with_reference(gsa_op(chunk_gsa), gsa_op(recurrent_gsa), gsa_inputs(1, sum(docs), 1, docs), TOL))
+
+
 def test_gsa_strong_gates():
     """Gates from ~0 to ~-40 per token: finite everywhere; dg against unit-size gradients (see test_gsa.py)."""
     x = gsa_inputs(1, 4096, seed=2, gate=lambda r: F.logsigmoid(30 * r - 10))
