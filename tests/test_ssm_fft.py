@@ -20,6 +20,11 @@ def conv_inputs(batch, length, channels, taps, seed=0):
             "k": torch.randn(channels, taps, generator=gen) / taps**0.5}
 
 
+def with_plan(plan):
+    """causal_fft_conv through the Triton path with this plan (its options, not the default plan's)."""
+    return lambda u, k: fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
+
+
 @pytest.mark.parametrize("length,taps", [(1, 1), (17, 17), (100, 37), (257, 257)])
 def test_causal_fft_conv_matches_direct_sum(length, taps):
     assert os.environ.get("TRITON_INTERPRET") == "1", "these tests exercise the Triton kernels under the interpreter"
@@ -31,10 +36,7 @@ def test_causal_fft_conv_matches_direct_sum(length, taps):
 @pytest.mark.parametrize("fft_size,tile", [(8192, 256), (16384, 1024), (65536, 1024), (262144, 1024)])
 def test_causal_fft_conv_every_plan(fft_size, tile):
     plan = fftconv.fft_plan(45, fft_size, tile, keep_rows=fft_size == 65536)
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 45, 1, 30, seed=1), TOL)
 
 
@@ -44,10 +46,7 @@ def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
     partial channel tile; the default tile order (groups of 16 n23 tiles) and channel-first."""
     monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 64)
     plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1, keep_spectra=rows_group == 1)
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 21, 9, 21, seed=2), TOL)
 
 
@@ -56,10 +55,7 @@ def test_causal_fft_conv_one_gradient(keep):
     """Only du, or only dk, asked for: the backward skips the other product (from recomputed rows or from the
     forward's kept spectra), batch 2."""
     plan = fftconv.fft_plan(30, keep_rows=keep, keep_spectra=keep)
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     inputs = conv_inputs(2, 30, 2, 30, seed=3)
     for name in ("u", "k"):
         compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
@@ -75,20 +71,14 @@ def test_causal_fft_conv_spectral_staging_options(options):
     twiddle inside per-row left factors): odd T, batch 2 (dk summed over the batch), from recomputed rows, kept rows
     and kept spectra (whose stores are joined too), the 64 x 16 and 32 x 16 spectral tiles."""
     plan = fftconv.fft_plan(33, **options)
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=5), TOL)
 
 
 def test_causal_fft_conv_folded_twiddles_one_gradient():
     """folded_twiddles with only du or only dk asked for (the grad kernel's staging order differs per case)."""
     plan = fftconv.fft_plan(31, folded_twiddles=True, joined_stores=True)
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     inputs = conv_inputs(1, 31, 2, 20, seed=6)
     for name in ("u", "k"):
         compare_with_reference(fast, causal_conv_reference, inputs, TOL, grad_names=[name])
@@ -100,10 +90,7 @@ def test_causal_fft_conv_idft_channels():
     plan = fftconv.fft_plan(33, idft_channels=32)
     u = torch.empty(2, 33, 3)
     assert fftconv._rows_launch(fftconv._Signal.time_major_of(u), plan, 32)[1]["JC"] == 32
-
-    def fast(u, k):
-        return fftconv.CausalFFTConvFunction.apply(u, k, plan, None)
-
+    fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=7), TOL)
 
 
