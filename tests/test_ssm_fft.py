@@ -45,16 +45,16 @@ def test_causal_fft_conv_gpu_column_tiles(monkeypatch, rows_group):
     """The GPU's 64-column rows tiles (the interpreter otherwise takes wide ones), time- and channel-major, with a
     partial channel tile; the default tile order (groups of 16 n23 tiles) and channel-first."""
     monkeypatch.setattr(fftconv, "_INTERPRETER_TILE_COLUMNS", 64)
-    plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1, keep_spectra=rows_group == 1)
+    plan = fftconv.fft_plan(21, rows_group=rows_group, keep_rows=rows_group == 1)
     fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(1, 21, 9, 21, seed=2), TOL)
 
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_causal_fft_conv_one_gradient(keep):
-    """Only du, or only dk, asked for: the backward skips the other product (from recomputed rows or from the
-    forward's kept spectra), batch 2."""
-    plan = fftconv.fft_plan(30, keep_rows=keep, keep_spectra=keep)
+    """Only du, or only dk, asked for: the backward skips the other product (from recomputed or kept rows),
+    batch 2."""
+    plan = fftconv.fft_plan(30, keep_rows=keep)
     fast = with_plan(plan)
     inputs = conv_inputs(2, 30, 2, 30, seed=3)
     for name in ("u", "k"):
@@ -62,14 +62,14 @@ def test_causal_fft_conv_one_gradient(keep):
 
 
 @pytest.mark.parametrize("options", [dict(joined_stores=True),
-                                     dict(joined_stores=True, keep_rows=True, keep_spectra=True),
+                                     dict(joined_stores=True, keep_rows=True),
                                      dict(folded_twiddles=True),
-                                     dict(folded_twiddles=True, joined_stores=True, keep_rows=True, keep_spectra=True,
+                                     dict(folded_twiddles=True, joined_stores=True, keep_rows=True,
                                           fft_size=16384, tile=512)])
 def test_causal_fft_conv_spectral_staging_options(options):
     """FFTPlan.joined_stores (each complex tile stored as one [R2, R3, 2] pair) and folded_twiddles (the row
-    twiddle inside per-row left factors): odd T, batch 2 (dk summed over the batch), from recomputed rows, kept rows
-    and kept spectra (whose stores are joined too), the 64 x 16 and 32 x 16 spectral tiles."""
+    twiddle inside per-row left factors): odd T, batch 2 (dk summed over the batch), from recomputed and kept rows,
+    the 64 x 16 and 32 x 16 spectral tiles."""
     plan = fftconv.fft_plan(33, **options)
     fast = with_plan(plan)
     compare_with_reference(fast, causal_conv_reference, conv_inputs(2, 33, 3, 33, seed=5), TOL)
@@ -117,7 +117,7 @@ def test_rows_idft_channels_gpu_tile(monkeypatch, idft_channels):
     assert error <= TOL, f"relative error {error:.2e}"
 
 
-def test_default_plan_keeps_spectra_only_for_a_backward():
+def test_default_plan_keeps_rows_only_for_a_backward():
     u, k = torch.randn(1, 40, 2), torch.randn(2, 40)
     assert not fftconv.default_plan(u, k).keep_rows  # nothing requires grad
     assert fftconv.default_plan(u, k.requires_grad_()).keep_rows  # no device memory budget on CPU
@@ -125,8 +125,6 @@ def test_default_plan_keeps_spectra_only_for_a_backward():
         assert not fftconv.default_plan(u, k).keep_rows
     with pytest.raises(ValueError, match="rows_group must be a power of two"):
         fftconv.fft_plan(40, rows_group=3)
-    with pytest.raises(ValueError, match="keep_spectra needs keep_rows"):
-        fftconv.fft_plan(40, keep_spectra=True)
 
 
 def test_torch_fft_path_matches_direct_sum(monkeypatch):

@@ -13,7 +13,7 @@ Counted work (the FFT algorithm's, not the DFT-matrix products lctrain actually 
 Fewest bytes: fwd reads u, k and writes y; bwd reads dy, u, k and writes du, dk (each tensor once).
 
 ``cd benchmarks && python -m kernel_ops.fftconv --T 65536`` times the tuning variants of the Triton path (FFTPlan
-fields: the spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's spectra kept for the backward or not; the
+fields: the spectral tile R2 x R3, hence R1 = N / (R2 R3); the forward's rows kept for the backward or not; the
 rows stages' tile order and register caps; the spectral kernels' joined stores and folded twiddles; rows_idft's
 128-column tiles of 32, 16 or 8 channels for time-major outputs) and the stages of each, on the same GPU.
 """
@@ -76,7 +76,6 @@ SPEC_BF16 = dataclasses.replace(SPEC, make_inputs=_make_inputs(torch.bfloat16), 
 # Tuning variants of the Triton path: FFTPlan fields changed from the default plan (default_plan), each timed
 # against the default at one length.
 VARIANTS = {"recompute rows": dict(keep_rows=False),
-            "keep spectra": dict(keep_spectra=True),
             "rows n23-first (group 128)": dict(rows_group=128),
             "rows no register cap": dict(rows_maxnreg=None),
             "joined stores": dict(joined_stores=True),
@@ -107,7 +106,7 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
     """Milliseconds of each kernel, fwd and bwd (float32 inputs; the in-place stages overwrite their inputs, so the
     values drift from call to call: the timing does not depend on them). The rows stages of the time-major signals
     under three tile orders and register caps, and rows_idft y in 128-column tiles of 32, 16, 8 channels; the
-    spectral ones with and without kept spectra, and with joined stores (and folded twiddles)."""
+    spectral ones as they are, and with joined stores (and folded twiddles)."""
     from harness import time_ms
 
     x = _make_inputs(torch.float32)(T, 0, device, torch.float32)
@@ -134,7 +133,6 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
         stages[f"rows_idft y [T, C] (idft_channels {channels})"] = lambda i, p=p: triton_fftconv.rows_idft(
             u_rows, S.time_major_of(y), p)
     stages["spectral product"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows)
-    stages["spectral product, keeping spectra"] = lambda i: product(u_rows, k_rows, 1, u.shape[2], plan, y_rows, True)
     stages["spectral grad (du, dk)"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True, True)
     for name, options in (("joined stores", dict(joined_stores=True)),
                           ("joined stores, folded twiddles", dict(joined_stores=True, folded_twiddles=True))):
@@ -142,8 +140,6 @@ def _stage_times(T: int, device: torch.device) -> list[str]:
         stages[f"spectral product, {name}"] = lambda i, p=p: product(u_rows, k_rows, 1, u.shape[2], p, y_rows)
         stages[f"spectral grad (du, dk), {name}"] = lambda i, p=p: grad(dy_rows, u_rows, k_rows, dk_rows, 1,
                                                                         u.shape[2], p, True, True)
-    stages["spectral grad, kept spectra"] = lambda i: grad(dy_rows, u_rows, k_rows, dk_rows, 1, u.shape[2], plan, True,
-                                                           True, True)
     return [f"  {name:52} {time_ms(fn):8.3f} ms" for name, fn in stages.items()]
 
 

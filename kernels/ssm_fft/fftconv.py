@@ -61,7 +61,7 @@ _TILE_SHAPES = {256: (16, 16), 512: (32, 16), 1024: (64, 16)}
 class FFTPlan:
     """N = r1 * r2 * r3. The signal fills the first r1 / 2 of the r1 outer rows (N >= 2T).
 
-    keep_rows, keep_spectra: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of
+    keep_rows: see CausalFFTConvFunction. rows_group: the rows stages walk their tiles in groups of
     this many consecutive n23 tiles, the channel tile fastest inside a group (see _tile_origin). rows_maxnreg: a
     register cap per thread for the rows kernels (None: the compiler's choice); 128 makes sure two programs of 8
     warps fit an SM (triton 3.9 compiles them to 140-178 registers, one program; no spills at 128). (Caps of 168
@@ -85,7 +85,6 @@ class FFTPlan:
     r2: int
     r3: int
     keep_rows: bool = False
-    keep_spectra: bool = False
     rows_group: int = 16
     rows_maxnreg: int | None = 128
     joined_stores: bool = False
@@ -108,7 +107,7 @@ class FFTPlan:
 
 
 def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_rows: bool = False,
-             keep_spectra: bool = False, rows_group: int = 16, rows_maxnreg: int | None = 128,
+             rows_group: int = 16, rows_maxnreg: int | None = 128,
              joined_stores: bool = False, folded_twiddles: bool = False, idft_channels: int | None = None) -> FFTPlan:
     """The FFT size for a causal conv of ``length`` samples: the next power of two >= 2 * length (at least 2^13).
 
@@ -123,13 +122,11 @@ def fft_plan(length: int, fft_size: int | None = None, tile: int = 1024, keep_ro
         raise ValueError(f"causal_fft_conv's Triton path supports T <= {MAX_FFT_SIZE // 2}; got T={length}")
     m = min(tile, n // 32)
     r2, r3 = _TILE_SHAPES[m]
-    if keep_spectra and not keep_rows:
-        raise ValueError("keep_spectra needs keep_rows (the spectra are kept in the kept row buffers)")
     if rows_group < 1 or rows_group & (rows_group - 1):
         raise ValueError(f"rows_group must be a power of two >= 1; got {rows_group}")
     if idft_channels not in (None, 8, 16, 32):
         raise ValueError(f"idft_channels must be None, 8, 16 or 32; got {idft_channels}")
-    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows, keep_spectra=keep_spectra,
+    return FFTPlan(n=n, r1=n // m, r2=r2, r3=r3, keep_rows=keep_rows,
                    rows_group=rows_group, rows_maxnreg=rows_maxnreg, joined_stores=joined_stores,
                    folded_twiddles=folded_twiddles, idft_channels=idft_channels)
 
@@ -413,11 +410,9 @@ def _store_complex(ptr, tile, re, im, M: tl.constexpr, JOINED: tl.constexpr):
 
 @triton.jit
 def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, folded, batch, channels,
-                             items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, KEEP_SPECTRA: tl.constexpr,
-                             JOINED: tl.constexpr, FOLDED: tl.constexpr):
-    """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows unless
-    KEEP_SPECTRA). KEEP_SPECTRA: the spectra DFT2(u_rows), DFT2(k_rows) are written over their rows, for the
-    backward (K's at the channel's last batch row: the earlier ones still read k_rows)."""
+                             items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, JOINED: tl.constexpr,
+                             FOLDED: tl.constexpr):
+    """Row k1 of every (b, c): y_rows <- IDFT2(DFT2(u_rows) * DFT2(k_rows[c])) (y_rows may be u_rows)."""
     M: tl.constexpr = R2 * R3
     k1 = tl.program_id(0)
     first = tl.program_id(1) * items_per_program
@@ -444,19 +439,14 @@ def _spectral_product_kernel(u_rows, k_rows, y_rows, tables, row_twiddles, folde
                                    FOLDED)
         yr, yi = _row_inverse(ur * kr - ui * ki, ur * ki + ui * kr, *factors, FOLDED)
         _store_complex(y_rows + offset, tile, yr, yi, M, JOINED)
-        if KEEP_SPECTRA:
-            _store_complex(u_rows + offset, tile, ur, ui, M, JOINED)
-            if item % batch == batch - 1:
-                _store_complex(k_row, tile, kr, ki, M, JOINED)
 
 
 @triton.jit
 def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles, folded, batch, channels,
                           items_per_program, SEQ, R2: tl.constexpr, R3: tl.constexpr, NEED_DU: tl.constexpr,
-                          NEED_DK: tl.constexpr, SPECTRA: tl.constexpr, JOINED: tl.constexpr,
-                          FOLDED: tl.constexpr):
+                          NEED_DK: tl.constexpr, JOINED: tl.constexpr, FOLDED: tl.constexpr):
     """Row k1: dy_rows <- IDFT2(DY conj(K)) (du, in place), dk_rows <- IDFT2(sum_b DY_b conj(U_b)) (dk; dk_rows
-    may be k_rows). SPECTRA: u_rows and k_rows hold the spectra U, K (the forward's KEEP_SPECTRA), not rows.
+    may be k_rows).
 
     A program's items cover whole channels (items_per_program is a multiple of batch)."""
     M: tl.constexpr = R2 * R3
@@ -487,16 +477,12 @@ def _spectral_grad_kernel(dy_rows, u_rows, k_rows, dk_rows, tables, row_twiddles
         if NEED_DU:  # DY conj(K)
             if not FOLDED:
                 k_in = tl.load(k_row + tile), tl.load(k_row + M + tile)
-            kr, ki = k_in
-            if not SPECTRA:
-                kr, ki = _row_spectrum(kr, ki, *factors, FOLDED)
+            kr, ki = _row_spectrum(*k_in, *factors, FOLDED)
             dur, dui = _row_inverse(gr * kr + gi * ki, gi * kr - gr * ki, *factors, FOLDED)
             _store_complex(dy_row, tile, dur, dui, M, JOINED)
         if NEED_DK:  # sum_b DY conj(U), written once the channel's last batch row is in
             u_row = u_rows + (row + (b * channels + c).to(tl.int64) * SEQ)
-            ur, ui = tl.load(u_row + tile), tl.load(u_row + M + tile)
-            if not SPECTRA:
-                ur, ui = _row_spectrum(ur, ui, *factors, FOLDED)
+            ur, ui = _row_spectrum(tl.load(u_row + tile), tl.load(u_row + M + tile), *factors, FOLDED)
             dkr += gr * ur + gi * ui
             dki += gi * ur - gr * ui
             if b == batch - 1:
@@ -611,29 +597,24 @@ def _folded(plan: FFTPlan, row_twiddles: torch.Tensor) -> torch.Tensor:
 
 
 def spectral_product(u_rows: torch.Tensor, k_rows: torch.Tensor, batch: int, channels: int, plan: FFTPlan,
-                     y_rows: torch.Tensor | None = None, keep_spectra: bool = False) -> torch.Tensor:
-    """Rows of y = u * k; written over u_rows unless y_rows is given. keep_spectra (needs y_rows): the 2-D spectra
-    of u and k are written over u_rows and k_rows."""
-    if keep_spectra and y_rows is None:
-        raise ValueError("spectral_product: keep_spectra needs a separate y_rows buffer")
+                     y_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of y = u * k; written over u_rows unless y_rows is given."""
     y_rows = u_rows if y_rows is None else y_rows
     grid, items = _spectral_grid(plan, batch, channels, u_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, u_rows.device)
     _spectral_product_kernel[grid](u_rows, k_rows, y_rows, tables, row_twiddles, _folded(plan, row_twiddles), batch,
-                                   channels, items, u_rows[0].numel(), KEEP_SPECTRA=keep_spectra,
-                                   **_spectral_options(plan))
+                                   channels, items, u_rows[0].numel(), **_spectral_options(plan))
     return y_rows
 
 
 def spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch: int, channels: int, plan: FFTPlan, need_du: bool,
-                  need_dk: bool, spectra: bool = False):
-    """Rows of du over dy_rows (if need_du) and of dk into dk_rows (if need_dk; may be k_rows). spectra: u_rows and
-    k_rows hold the forward's kept spectra (spectral_product's keep_spectra)."""
+                  need_dk: bool):
+    """Rows of du over dy_rows (if need_du) and of dk into dk_rows (if need_dk; may be k_rows)."""
     grid, items = _spectral_grid(plan, batch, channels, dy_rows.device)
     tables, row_twiddles = _spectral_tables(plan.n, plan.r1, plan.r2, plan.r3, dy_rows.device)
     _spectral_grad_kernel[grid](dy_rows, u_rows if need_dk else dy_rows, k_rows, dk_rows, tables, row_twiddles,
                                 _folded(plan, row_twiddles), batch, channels, items, dy_rows[0].numel(),
-                                NEED_DU=need_du, NEED_DK=need_dk, SPECTRA=spectra, **_spectral_options(plan))
+                                NEED_DU=need_du, NEED_DK=need_dk, **_spectral_options(plan))
 
 
 class CausalFFTConvFunction(torch.autograd.Function):
@@ -641,8 +622,8 @@ class CausalFFTConvFunction(torch.autograd.Function):
 
     With plan.keep_rows the forward keeps the row buffers of u and k for the backward (4X more memory kept from
     forward to backward; the backward skips two rows stages, 6X of traffic); otherwise the backward recomputes them.
-    plan.keep_spectra (with keep_rows): the forward's spectral kernel writes the 2-D spectra of u and k over the
-    kept rows (4X more stores), so that the backward's skips two of its five 2-D transforms."""
+    (Keeping the 2-D spectra instead, so that the backward's spectral kernel skips two of its five transforms,
+    measured a wash on an H100: grad -0.65 ms, forward +0.7 ms; benchmarks/NOTES.md.)"""
 
     @staticmethod
     def forward(ctx, u: torch.Tensor, k: torch.Tensor, plan: FFTPlan, out_dtype: torch.dtype | None = None):
@@ -651,7 +632,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
         u_rows = rows_dft(_Signal.time_major_of(u), plan)
         k_rows = rows_dft(_Signal.channel_major_of(k), plan)
         y_rows = spectral_product(u_rows, k_rows, batch, channels, plan,
-                                  torch.empty_like(u_rows) if plan.keep_rows else None, plan.keep_spectra)
+                                  torch.empty_like(u_rows) if plan.keep_rows else None)
         y = new_output(u.shape, out_dtype or u.dtype, u.device)
         rows_idft(y_rows, _Signal.time_major_of(y), plan)
         if plan.keep_rows:
@@ -676,8 +657,7 @@ class CausalFFTConvFunction(torch.autograd.Function):
             # K's spectrum is needed for du only; without it the buffer just receives dk
             k_rows = rows_dft(_Signal.channel_major_of(k), plan) if need_du else torch.empty_like(dy_rows[:channels])
             dk_rows = k_rows
-        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk,
-                      bool(kept) and plan.keep_spectra)
+        spectral_grad(dy_rows, u_rows, k_rows, dk_rows, batch, channels, plan, need_du, need_dk)
         du = dk = None
         if need_du:
             du = new_output(u.shape, u.dtype, u.device)

@@ -34,10 +34,9 @@ def test_causal_fft_conv_bf16_long(batch, length, channels):
 
 @pytest.mark.parametrize("options", [dict(tile=512), dict(keep_rows=True), dict(keep_rows=False),
                                      dict(rows_group=1, keep_rows=True), dict(rows_group=128),
-                                     dict(keep_rows=True, keep_spectra=True), dict(rows_maxnreg=None),
-                                     dict(rows_group=4, keep_rows=True, keep_spectra=True),
+                                     dict(rows_maxnreg=None),
+                                     dict(rows_group=4, keep_rows=True),
                                      dict(joined_stores=True), dict(joined_stores=True, keep_rows=True),
-                                     dict(joined_stores=True, keep_rows=True, keep_spectra=True),
                                      dict(folded_twiddles=True), dict(folded_twiddles=True, joined_stores=True,
                                                                       keep_rows=True),
                                      dict(idft_channels=32), dict(idft_channels=32, keep_rows=True),
@@ -53,7 +52,7 @@ def test_causal_fft_conv_plan_options(options):
 
 
 def test_default_plan_memory_budget(monkeypatch):
-    """On CUDA the spectra are kept when they fit KEEP_ROWS_FREE_FRACTION of the free memory, and not otherwise."""
+    """On CUDA the rows are kept when they fit KEEP_ROWS_FREE_FRACTION of the free memory, and not otherwise."""
     u = torch.randn(1, 4096, 64, device="cuda", requires_grad=True)
     k = torch.randn(64, 4096, device="cuda")
     assert fftconv.default_plan(u, k).keep_rows
